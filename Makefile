@@ -1,0 +1,32 @@
+# `make demo` and `make test` set everything up on a fresh machine, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Re-install whenever the dependency list changes.
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Pretrained weights need the Hugging Face hub (or a local copy); the demo runs offline with random ones.
+DEMO_WEIGHTS := $(if $(PRETRAINED),,--no-pretrained)
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m extract --config configs/demo.yaml $(DEMO_WEIGHTS)
+	@echo "Demo outputs are in runs/demo/"
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/extract_overhead.py
+
+clean:
+	rm -rf runs/demo

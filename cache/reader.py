@@ -1,0 +1,200 @@
+"""Reading feature caches: what the later stages use.
+
+>>> from cache import list_caches, open_cache
+>>> for entry in list_caches("runs/x"):
+...     with open_cache(entry.path) as fc:
+...         train = fc.load("train")            # features (N, D) float32, labels (N,)
+...         for x, y in fc.iter_batches("val", rows=4096):   # memory-light
+...             ...
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from cache import schema
+
+
+class CacheError(RuntimeError):
+    """A cache is missing, incomplete or unreadable; the message says to run ``extract``."""
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    features: np.ndarray  # (N, D)
+    labels: np.ndarray  # (N,)
+    ids: np.ndarray  # (N,) str
+    views: np.ndarray  # (N,) 0 = plain image
+    maps: np.ndarray | None = None  # (N, C, H, W) when asked for and stored
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    backbone: str
+    image_size: int
+    path: Path
+    complete: bool
+
+
+class FeatureCache:
+    """A complete cache file, open read-only."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            partial = schema.partial_path(self.path)
+            hint = " (an interrupted extraction left a .partial file)" if partial.exists() else ""
+            raise CacheError(f"{self.path}: no such cache{hint}. Run `python -m extract` for this workdir first.")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise CacheError(f"{self.path}: not a readable HDF5 file ({exc}). Delete it and run `python -m extract` again.") from None
+        if not bool(self._file.attrs.get(schema.ATTR_COMPLETE, False)):
+            self._file.close()
+            raise CacheError(f"{self.path}: incomplete cache. Run `python -m extract` again to finish it.")
+        attrs = self._file.attrs
+        self.key: dict[str, Any] = json.loads(attrs[schema.ATTR_KEY])
+        self.meta: dict[str, Any] = json.loads(attrs.get(schema.ATTR_META, "{}"))
+        self.classes: list[str] = json.loads(attrs[schema.ATTR_CLASSES])
+        self._split = self._file[schema.SPLIT][...].astype(str)
+        self._view = self._file[schema.VIEW][...]
+
+    # --- description
+    @property
+    def backbone(self) -> str:
+        return self.key["backbone"]
+
+    @property
+    def model(self) -> str:
+        return self.key["model"]
+
+    @property
+    def weights(self) -> str:
+        return self.key["weights"]
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        return self.key["data_config"]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.key["data_config"]["input_size"][-1])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self._file[schema.POOLED].shape[1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._file[schema.POOLED].shape[0])
+
+    @property
+    def num_views(self) -> int:
+        return int(self.key.get("views", 0))
+
+    @property
+    def has_maps(self) -> bool:
+        return schema.MAPS in self._file
+
+    @property
+    def annotation_fingerprint(self) -> str:
+        return str(self._file.attrs.get(schema.ATTR_ANNOTATIONS, ""))
+
+    def split_counts(self) -> dict[str, int]:
+        plain = self._view == 0
+        return {s: int(np.sum(plain & (self._split == s))) for s in ("train", "val", "test")}
+
+    # --- data
+    def rows(self, split: str | None = None, *, views: bool = False) -> np.ndarray:
+        """Row indices of ``split`` (all splits when None); augmented views only when ``views``."""
+        mask = np.ones(self.num_rows, dtype=bool) if split is None else (self._split == split)
+        if not views:
+            mask &= self._view == 0
+        return np.flatnonzero(mask)
+
+    def load(self, split: str | None = None, *, views: bool = False, maps: bool = False,
+             dtype: np.dtype | type = np.float32) -> CachedFeatures:
+        """Features and labels of ``split`` as in-memory arrays."""
+        idx = self.rows(split, views=views)
+        f = self._file
+        # One contiguous read, then index in memory: h5py's fancy indexing is slow.
+        lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
+        pooled = f[schema.POOLED][lo:hi][idx - lo].astype(dtype, copy=False)
+        fmap = None
+        if maps:
+            if not self.has_maps:
+                raise CacheError(f"{self.path}: no feature maps stored; run `python -m extract --store-maps`.")
+            fmap = np.stack([f[schema.MAPS][i] for i in idx]) if len(idx) else np.zeros((0,), np.float16)
+        return CachedFeatures(
+            features=pooled,
+            labels=f[schema.LABELS][...][idx],
+            ids=f[schema.IDS].asstr()[...][idx],
+            views=self._view[idx],
+            maps=fmap,
+        )
+
+    def iter_batches(self, split: str | None = None, *, rows: int = 4096, views: bool = False,
+                     dtype: np.dtype | type = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(features, labels) in blocks of at most ``rows``, without loading the split at once."""
+        idx = self.rows(split, views=views)
+        labels = self._file[schema.LABELS]
+        pooled = self._file[schema.POOLED]
+        for start in range(0, len(idx), rows):
+            block = idx[start:start + rows]
+            lo, hi = int(block[0]), int(block[-1]) + 1
+            yield pooled[lo:hi][block - lo].astype(dtype, copy=False), labels[lo:hi][block - lo]
+
+    # --- lifetime
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({self.backbone}@{self.image_size}, rows={self.num_rows}, dim={self.feature_dim})"
+
+
+def open_cache(path: str | Path) -> FeatureCache:
+    """Open a complete cache; raises :class:`CacheError` for a missing or partial one."""
+    return FeatureCache(path)
+
+
+def list_caches(workdir: str | Path) -> list[CacheEntry]:
+    """Every cache file in ``workdir/features``, complete or not, sorted by name."""
+    folder = Path(workdir) / "features"
+    entries = []
+    for p in sorted(folder.glob("*.h5")) + sorted(folder.glob("*.h5.partial")):
+        stem = p.name.removesuffix(".partial").removesuffix(".h5")
+        backbone, _, size = stem.rpartition("@")
+        complete = False
+        if p.suffix == ".h5":
+            try:
+                with h5py.File(p, "r") as f:
+                    complete = bool(f.attrs.get(schema.ATTR_COMPLETE, False))
+                    backbone = str(f.attrs.get("backbone", backbone))
+            except OSError:
+                complete = False
+        entries.append(CacheEntry(backbone=backbone, image_size=int(size) if size.isdigit() else -1, path=p, complete=complete))
+    return entries
+
+
+def read_key(path: str | Path) -> tuple[dict[str, Any] | None, bool, str]:
+    """(key, complete, annotation fingerprint) of a cache file, or (None, False, "") if unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return (json.loads(f.attrs[schema.ATTR_KEY]), bool(f.attrs.get(schema.ATTR_COMPLETE, False)),
+                    str(f.attrs.get(schema.ATTR_ANNOTATIONS, "")))
+    except (OSError, KeyError, ValueError):
+        return None, False, ""

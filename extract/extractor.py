@@ -1,0 +1,306 @@
+"""The frozen forward pass: every image once through a backbone, features into the cache.
+
+Decoding runs in DataLoader workers, the forward pass in the main thread, and
+HDF5 writes in a background thread, so none of the three waits for the others
+longer than it must.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm.data
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cache import schema
+from cache.reader import open_cache, read_key
+from cache.writer import CacheWriter, resume_point, update_annotations
+from extract.backbones import BackboneSpec
+from extract.dataset import Dataset
+from extract.device import autocast, empty_cache, is_out_of_memory
+from extract.images import load_rgb
+from extract.models import Weights, library_versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What each cache row holds: all images once, then K augmented views of the training images."""
+
+    ids: list[str]
+    paths: list[Path]
+    labels: np.ndarray
+    splits: list[str]
+    views: np.ndarray
+
+    @classmethod
+    def build(cls, dataset: Dataset, views: int) -> RowPlan:
+        samples = list(dataset.samples)
+        rows = [(s, 0) for s in samples]
+        train = [s for s in samples if s.split == "train"]
+        rows += [(s, v) for v in range(1, views + 1) for s in train]
+        return cls(
+            ids=[s.id for s, _ in rows],
+            paths=[s.path for s, _ in rows],
+            labels=np.asarray([s.label for s, _ in rows], dtype=np.int64),
+            splits=[s.split for s, _ in rows],
+            views=np.asarray([v for _, v in rows], dtype=np.int16),
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Rows ``start..`` of a plan as tensors: the eval transform for view 0, the training one for views."""
+
+    def __init__(self, plan: RowPlan, start: int, eval_tf: Callable, train_tf: Callable | None, seed: int) -> None:
+        self.plan, self.start, self.eval_tf, self.train_tf, self.seed = plan, start, eval_tf, train_tf, seed
+
+    def __len__(self) -> int:
+        return len(self.plan) - self.start
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        row = self.start + i
+        image = load_rgb(self.plan.paths[row])
+        if self.plan.views[row] == 0 or self.train_tf is None:
+            return self.eval_tf(image)
+        # Seeded per row, so a resumed run draws the same augmentations as an uninterrupted one.
+        row_seed = (self.seed * 1_000_003 + row) % (2**31)
+        random.seed(row_seed)
+        torch.manual_seed(row_seed)
+        return self.train_tf(image)
+
+
+def feature_map_nchw(model: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """The last feature map as (B, C, H, W), whatever layout the model uses.
+
+    Token models (ViT) drop their prefix tokens and fold the patch grid back;
+    channels-last models (Swin) are permuted.
+    """
+    if fmap.ndim == 3:
+        prefix = int(getattr(model, "num_prefix_tokens", 0))
+        tokens = fmap[:, prefix:]
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if grid is None:
+            side = int(round(tokens.shape[1] ** 0.5))
+            grid = (side, tokens.shape[1] // side)
+        return tokens.reshape(tokens.shape[0], grid[0], grid[1], tokens.shape[2]).permute(0, 3, 1, 2)
+    if fmap.ndim == 4 and str(getattr(model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC"):
+        return fmap.permute(0, 3, 1, 2)
+    return fmap
+
+
+class _Forward:
+    """Runs batches through the model, halving the micro-batch on out-of-memory."""
+
+    def __init__(self, model: nn.Module, device: torch.device, store_maps: bool, batch_size: int) -> None:
+        self.model, self.device, self.store_maps, self.micro = model, device, store_maps, batch_size
+        self.channels_last = device.type == "cuda"
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device):
+            fmap = self.model.forward_features(x)
+            pooled = self.model.forward_head(fmap, pre_logits=True)
+            maps = feature_map_nchw(self.model, fmap) if self.store_maps else None
+        return pooled.float().cpu(), (maps.half().cpu() if maps is not None else None)
+
+    def __call__(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        pooled, maps, i = [], [], 0
+        while i < len(batch):
+            chunk = batch[i:i + self.micro]
+            try:
+                p, m = self._run(chunk)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc) or self.micro == 1:
+                    raise
+                self.micro //= 2
+                empty_cache(self.device)
+                log.warning("out of memory; batch size halved to %d", self.micro)
+                continue
+            pooled.append(p)
+            maps.append(m)
+            i += len(chunk)
+        return torch.cat(pooled).numpy(), (torch.cat(maps).numpy() if self.store_maps else None)
+
+
+class _BackgroundWriter:
+    """Feeds a CacheWriter from a thread; errors surface in the caller at the next put or at close."""
+
+    def __init__(self, open_writer: Callable[[np.ndarray, np.ndarray | None], CacheWriter]) -> None:
+        self._open = open_writer
+        self.writer: CacheWriter | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="cache-writer")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            start, pooled, maps = item
+            try:
+                if self.writer is None:
+                    self.writer = self._open(pooled, maps)
+                self.writer.write(start, pooled, maps)
+            except BaseException as exc:  # re-raised in the main thread
+                self._error = exc
+
+    def put(self, start: int, pooled: np.ndarray, maps: np.ndarray | None) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((start, pooled, maps))
+
+    def close(self) -> CacheWriter | None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            if self.writer is not None:
+                self.writer.close()
+            raise self._error
+        return self.writer
+
+
+@dataclass
+class ExtractResult:
+    backbone: str
+    image_size: int
+    rows: int
+    feature_dim: int
+    seconds: float
+    path: Path
+    status: str  # built, resumed, reused, relabelled
+    weights: str
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone, "size": self.image_size, "images": self.rows, "dim": self.feature_dim,
+            "seconds": round(self.seconds, 2),
+            "images/s": round(self.rows / self.seconds, 1) if self.status in ("built", "resumed") and self.seconds else None,
+            "status": self.status, "weights": self.weights, "file": str(self.path),
+        }
+
+
+def check_existing(path: Path, key: dict[str, Any], annotation_fingerprint: str) -> str | None:
+    """``reused`` / ``relabel`` when ``path`` can serve ``key``; ``None`` (and a log line why) when not."""
+    if not path.exists():
+        return None
+    old, complete, old_ann = read_key(path)
+    if old is None or not complete:
+        log.info("%s: incomplete or unreadable; rebuilding", path.name)
+        return None
+    if old != key:
+        log.info("%s: stale cache (%s changed); rebuilding", path.name, ", ".join(schema.key_differences(old, key)))
+        return None
+    return "reused" if old_ann == annotation_fingerprint else "relabel"
+
+
+def extract_one(
+    *,
+    spec: BackboneSpec,
+    model_factory: Callable[[], tuple[nn.Module, list[str]]],
+    weights: Weights,
+    data_cfg: dict[str, Any],
+    dataset: Dataset,
+    workdir: Path,
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    views: int = 0,
+    store_maps: bool = False,
+    dtype: str = "float16",
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> ExtractResult:
+    """Make sure ``features/<backbone>@<size>.h5`` exists for this key: reuse, relabel, resume or build."""
+    t0 = time.perf_counter()
+    size = int(data_cfg["input_size"][-1])
+    path = schema.cache_path(workdir, spec.name, size)
+    key = schema.make_key(
+        backbone=spec.name, model=spec.model, model_kwargs=spec.kwargs, weights=weights.tag, data_config=data_cfg,
+        dataset=dataset.content_fingerprint, annotations=dataset.annotation_fingerprint if views else None,
+        views=views, view_seed=seed if views else None, store_maps=store_maps, dtype=dtype,
+    )
+    plan = RowPlan.build(dataset, views)
+    if force:
+        path.unlink(missing_ok=True)
+        schema.partial_path(path).unlink(missing_ok=True)
+    state = check_existing(path, key, dataset.annotation_fingerprint)
+    if state is not None:
+        if state == "relabel":
+            update_annotations(path, classes=dataset.classes, labels=plan.labels, splits=plan.splits,
+                               annotation_fingerprint=dataset.annotation_fingerprint)
+            log.info("%s: labels/splits changed, features still valid; updated in place", path.name)
+        with open_cache(path) as fc:
+            dim = fc.feature_dim
+        return ExtractResult(spec.name, size, len(plan), dim, time.perf_counter() - t0, path,
+                             "reused" if state == "reused" else "relabelled", weights.tag)
+
+    start = resume_point(path, key)
+    if start:
+        log.info("%s: resuming at row %d of %d", path.name, start, len(plan))
+    model, untrained = model_factory()
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    eval_tf = timm.data.create_transform(**data_cfg, is_training=False)
+    train_tf = timm.data.create_transform(**data_cfg, is_training=True) if views else None
+    loader = DataLoader(
+        ImageRows(plan, start, eval_tf, train_tf, seed),
+        batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+    )
+    meta = {"versions": library_versions(), "untrained_modules": untrained, "weights_source": weights.kind,
+            "weights_location": weights.location, "device": str(device), "random_weights": weights.is_random}
+
+    def open_writer(pooled: np.ndarray, maps: np.ndarray | None) -> CacheWriter:
+        return CacheWriter(
+            path, key=key, classes=dataset.classes, ids=plan.ids, labels=plan.labels, splits=plan.splits,
+            views=plan.views, annotation_fingerprint=dataset.annotation_fingerprint, feature_dim=pooled.shape[1],
+            map_shape=tuple(maps.shape[1:]) if maps is not None else None, dtype=dtype, meta=meta, start_row=start,
+        )
+
+    forward = _Forward(model, device, store_maps, batch_size)
+    sink = _BackgroundWriter(open_writer)
+    row = start
+    bar = tqdm(total=len(plan), initial=start, desc=f"{spec.name}@{size}", unit="img", leave=False,
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in loader:
+            pooled, maps = forward(batch)
+            sink.put(row, pooled.astype(dtype, copy=False), maps)
+            row += len(batch)
+            bar.update(len(batch))
+    except BaseException:
+        bar.close()
+        try:
+            sink.close()  # write what was computed, so a resume loses nothing
+        except BaseException:
+            pass
+        raise
+    bar.close()
+    writer = sink.close()
+    seconds = time.perf_counter() - t0
+    if writer is None:  # every row was already written by an earlier run
+        writer = open_writer(np.zeros((0, 1)), None)
+    writer.finish({"extract_seconds": seconds})
+    return ExtractResult(spec.name, size, len(plan), writer.feature_dim, seconds, path,
+                         "resumed" if start else "built", weights.tag)

@@ -1,0 +1,1 @@
+"""Stage two: progressive unfreezing under a Nevergrad search, with Grad-CAM."""

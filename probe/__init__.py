@@ -1,0 +1,1 @@
+"""Stage one, part 2: heads on cached features, metrics, leaderboard."""

@@ -1,0 +1,1 @@
+"""Deployment profiling: ONNX export, ONNX Runtime latency, FLOPs, Pareto plot."""
