@@ -219,6 +219,7 @@ def extract_one(
     weights: Weights,
     data_cfg: dict[str, Any],
     dataset: Dataset,
+    size_kwargs: dict[str, Any] | None = None,
     workdir: Path,
     device: torch.device,
     batch_size: int,
@@ -235,7 +236,7 @@ def extract_one(
     size = int(data_cfg["input_size"][-1])
     path = schema.cache_path(workdir, spec.name, size)
     key = schema.make_key(
-        backbone=spec.name, model=spec.model, model_kwargs=spec.kwargs, weights=weights.tag, data_config=data_cfg,
+        backbone=spec.name, model=spec.model, model_kwargs={**spec.kwargs, **(size_kwargs or {})}, weights=weights.tag, data_config=data_cfg,
         dataset=dataset.content_fingerprint, annotations=dataset.annotation_fingerprint if views else None,
         views=views, view_seed=seed if views else None, store_maps=store_maps, dtype=dtype,
     )

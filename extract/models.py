@@ -27,6 +27,10 @@ from extract.backbones import BackboneSpec
 
 log = logging.getLogger(__name__)
 
+# Random weights are timm's init under this torch seed: the same every run, so a resumed
+# or repeated --no-pretrained extraction gives the same features.
+RANDOM_INIT_SEED = 0
+
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HF_DIR_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
@@ -129,12 +133,11 @@ def _offline_message(spec: BackboneSpec, weights: Weights, cause: BaseException)
     )
 
 
-def _create(spec: BackboneSpec, weights: Weights, **extra: Any) -> nn.Module:
-    kwargs: dict[str, Any] = dict(spec.kwargs, num_classes=0, **extra)
+def _create(spec: BackboneSpec, weights: Weights, kwargs: dict[str, Any]) -> nn.Module:
+    kwargs = dict(kwargs, num_classes=0)
     if weights.kind == "random":
+        torch.manual_seed(RANDOM_INIT_SEED)
         return timm.create_model(spec.model, pretrained=False, **kwargs)
-    if spec.kwargs:
-        kwargs["pretrained_strict"] = False  # extra modules are new; reported as untrained instead
     if weights.kind == "file":
         return timm.create_model(spec.model, pretrained=True, pretrained_cfg_overlay={"file": weights.location}, **kwargs)
     from huggingface_hub import constants
@@ -145,35 +148,30 @@ def _create(spec: BackboneSpec, weights: Weights, **extra: Any) -> nn.Module:
         constants.HF_HUB_OFFLINE = True
     try:
         return timm.create_model(spec.model, pretrained=True, **kwargs)
-    except (OSError, ConnectionError, RuntimeError, ValueError) as exc:
-        if "hub" in type(exc).__module__ or isinstance(exc, (OSError, ConnectionError)):
-            raise WeightsError(_offline_message(spec, weights, exc)) from exc
-        raise
-
-
-def untrained_parameters(spec: BackboneSpec, weights: Weights, model: nn.Module) -> list[str]:
-    """Modules whose parameters the pretrained weights left at their random init.
-
-    A second model is built from the same seed without weights; parameters equal
-    in both were not touched by the checkpoint. Only needed when ``kwargs`` add
-    modules (a checkpoint for the plain model is otherwise loaded strictly).
-    """
-    if weights.is_random or not spec.kwargs:
-        return []
-    seed = 1234
-    torch.manual_seed(seed)
-    reference = _create(spec, Weights("random", None, "random"))
-    ref = dict(reference.named_parameters())
-    same = [n for n, p in model.named_parameters() if n in ref and torch.equal(p.detach(), ref[n].detach())]
-    # Report modules, not every weight and bias.
-    return sorted({n.rsplit(".", 1)[0] for n in same})
+    except (OSError, ConnectionError) as exc:
+        raise WeightsError(_offline_message(spec, weights, exc)) from exc
 
 
 def create_backbone(spec: BackboneSpec, weights: Weights, **extra: Any) -> tuple[nn.Module, list[str]]:
-    """The frozen backbone (eval mode, no grad, pooled pre-logits output) and its untrained modules."""
-    torch.manual_seed(1234)  # same random init as untrained_parameters' reference
-    model = _create(spec, weights, **extra)
-    untrained = untrained_parameters(spec, weights, model)
+    """The frozen backbone (eval mode, no grad, pooled pre-logits output) and its untrained modules.
+
+    With ``kwargs`` that add modules (CBAM attention, ...), the checkpoint cannot be
+    loaded strictly. timm loads it into the plain architecture, then it is copied
+    across; whatever that copy misses is untrained, and is reported, never hidden.
+    """
+    size_kwargs = dict(extra)
+    untrained: list[str] = []
+    if not spec.kwargs or weights.is_random:
+        model = _create(spec, weights, {**spec.kwargs, **size_kwargs})
+    else:
+        donor = _create(spec, weights, size_kwargs)
+        model = _create(spec, Weights("random", None, "random"), {**spec.kwargs, **size_kwargs})
+        target = model.state_dict()
+        state = {k: v for k, v in donor.state_dict().items() if k in target and target[k].shape == v.shape}
+        result = model.load_state_dict(state, strict=False)
+        # Report modules, not every weight and bias.
+        untrained = sorted({k.rsplit(".", 1)[0] for k in result.missing_keys})
+        del donor
     if untrained:
         log.warning("%s: %d module(s) not covered by the pretrained weights are untrained (random): %s",
                     spec.name, len(untrained), ", ".join(untrained[:6]) + (" ..." if len(untrained) > 6 else ""))
@@ -181,20 +179,31 @@ def create_backbone(spec: BackboneSpec, weights: Weights, **extra: Any) -> tuple
     return model, untrained
 
 
-def data_config(spec: BackboneSpec, image_size: int | None = None) -> dict[str, Any]:
-    """timm's resolved preprocessing for ``spec`` (optionally at ``image_size``), as plain JSON data.
+def preprocessing(spec: BackboneSpec, image_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """timm's resolved preprocessing for ``spec`` at ``image_size`` as plain data, and the extra
+    ``create_model`` kwargs that size needs (``img_size`` for fixed-size models such as ViT and Swin).
 
     The model is built on the meta device, so this costs milliseconds and no weights.
     """
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(spec.model, pretrained=False, num_classes=0, **spec.kwargs)
-    except Exception:  # some inits do real arithmetic; fall back to a CPU build
-        model = timm.create_model(spec.model, pretrained=False, num_classes=0, **spec.kwargs)
+
+    def build(**kw: Any) -> nn.Module:
+        try:
+            with torch.device("meta"):
+                return timm.create_model(spec.model, pretrained=False, num_classes=0, **spec.kwargs, **kw)
+        except Exception:  # some inits do real arithmetic; fall back to a CPU build
+            return timm.create_model(spec.model, pretrained=False, num_classes=0, **spec.kwargs, **kw)
+
+    model = build()
+    extra: dict[str, Any] = {}
+    default_size = int(timm.data.resolve_model_data_config(model)["input_size"][-1])
+    if image_size is not None and image_size != default_size and model.pretrained_cfg.get("fixed_input_size"):
+        # Position embeddings / windows are sized at construction; timm resamples pretrained ones.
+        extra = {"img_size": int(image_size)}
+        model = build(**extra)
     cfg = timm.data.resolve_model_data_config(model)
     if image_size is not None:
         cfg["input_size"] = (3, int(image_size), int(image_size))
-    return {
+    data_cfg = {
         "input_size": [int(v) for v in cfg["input_size"]],
         "interpolation": str(cfg["interpolation"]),
         "mean": [float(v) for v in cfg["mean"]],
@@ -202,6 +211,7 @@ def data_config(spec: BackboneSpec, image_size: int | None = None) -> dict[str, 
         "crop_pct": float(cfg["crop_pct"]),
         "crop_mode": str(cfg.get("crop_mode", "center")),
     }
+    return data_cfg, extra
 
 
 def library_versions() -> dict[str, str]:

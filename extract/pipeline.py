@@ -13,7 +13,7 @@ from extract.backbones import load_sets, resolve_backbones
 from extract.dataset import load_dataset
 from extract.device import pick_device
 from extract.extractor import ExtractResult, extract_one
-from extract.models import choose_weights, create_backbone, data_config
+from extract.models import choose_weights, create_backbone, preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +64,19 @@ def extract_features(
     for spec in specs:
         weights = choose_weights(spec, pretrained=pretrained, weights_dir=weights_dir)
         loaded: dict[str, tuple] = {}
-
-        def factory(spec=spec, weights=weights, loaded=loaded) -> tuple:
-            # One model per backbone, shared by its image sizes, built only if some cache needs it.
-            if "model" not in loaded:
-                loaded["model"] = create_backbone(spec, weights)
-            return loaded["model"]
-
         for size in image_sizes or [None]:
+            data_cfg, size_kwargs = preprocessing(spec, size)
+
+            def factory(spec=spec, weights=weights, extra=size_kwargs) -> tuple:
+                # One model per backbone, shared by the sizes that need no rebuild, built only when a cache needs it.
+                tag = repr(sorted(extra.items()))
+                if tag not in loaded:
+                    loaded.clear()
+                    loaded[tag] = create_backbone(spec, weights, **extra)
+                return loaded[tag]
+
             result = extract_one(
-                spec=spec, model_factory=factory, weights=weights, data_cfg=data_config(spec, size),
+                spec=spec, model_factory=factory, weights=weights, data_cfg=data_cfg, size_kwargs=size_kwargs,
                 dataset=dataset, workdir=workdir, device=dev, batch_size=batch_size, workers=workers, views=views,
                 store_maps=store_maps, dtype=dtype, seed=seed, force=force, progress=progress,
             )

@@ -1,0 +1,55 @@
+"""Shared fixtures: offline hub, small image datasets made on the fly, a tiny-model extraction helper."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+
+CLASSES = ("cat", "dog", "fox")
+
+
+def make_image(path: Path, seed: int, size: int = 24, mode: str = "RGB") -> Path:
+    """A small deterministic image whose content depends on ``seed`` (so classes differ)."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "L":
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(path)
+    else:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), mode="RGB").save(path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """root/<class>/*.png: three classes of ten images each."""
+    root = tmp_path / "images"
+    for c, cls in enumerate(CLASSES):
+        for i in range(10):
+            make_image(root / cls / f"{i:02d}.png", seed=100 * c + i)
+    return root
+
+
+@pytest.fixture
+def split_folder(tmp_path: Path) -> Path:
+    """root/{train,val,test}/<class>/*.png."""
+    root = tmp_path / "split-images"
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for c, cls in enumerate(CLASSES):
+            for i in range(n):
+                make_image(root / split / cls / f"{i}.png", seed=1000 * c + 10 * len(split) + i)
+    return root
+
+
+@pytest.fixture
+def extract_kwargs(tmp_path: Path) -> dict:
+    """Fast, deterministic extraction settings on timm's tiny ResNet with random weights."""
+    return dict(
+        backbones=["test_resnet.r160_in1k"], workdir=tmp_path / "run", pretrained=False,
+        image_sizes=[64], batch_size=8, workers=0, device="cpu", progress=False,
+    )

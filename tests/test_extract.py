@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import timm
+import torch
+
+from cache import CacheError, list_caches, open_cache
+from cache.writer import CacheWriter
+from conftest import make_image
+from extract.cli import main
+from extract.images import load_rgb
+from extract.models import RANDOM_INIT_SEED
+from extract.pipeline import extract_features
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def features(path: Path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f["pooled"][...]
+
+
+def test_cache_format_and_values(image_folder: Path, extract_kwargs: dict) -> None:
+    (result,) = extract_features(data=str(image_folder), **extract_kwargs)
+    assert result.status == "built" and result.rows == 30 and result.path.name == "test_resnet.r160_in1k@64.h5"
+    with h5py.File(result.path, "r") as f:
+        assert set(f) == {"pooled", "labels", "split", "ids", "view"}
+        assert f["pooled"].dtype == np.float16 and f["pooled"].shape == (30, result.feature_dim)
+        attrs = dict(f.attrs)
+        assert attrs["complete"] and attrs["backbone"] == "test_resnet.r160_in1k" and attrs["weights"] == "random"
+        cfg = json.loads(attrs["data_config"])
+        assert cfg["input_size"] == [3, 64, 64] and {"mean", "std", "interpolation", "crop_pct", "crop_mode"} <= set(cfg)
+        assert "versions" in json.loads(attrs["meta"]) and attrs["dataset_fingerprint"]
+        ids = f["ids"].asstr()[...]
+        assert list(ids) == sorted(ids)
+        pooled = f["pooled"][...].astype(np.float32)
+    # Independent reference: timm's own eval transform and the model's pooled output.
+    torch.manual_seed(RANDOM_INIT_SEED)
+    model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=0).eval()
+    tf = timm.data.create_transform(**cfg, is_training=False)
+    x = torch.stack([tf(load_rgb(image_folder / i)) for i in ids[:5]])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(pooled[:5], expected, rtol=2e-3, atol=2e-3)  # float16 storage
+
+
+def test_reader_api(image_folder: Path, extract_kwargs: dict) -> None:
+    (result,) = extract_features(data=str(image_folder), **extract_kwargs)
+    (entry,) = list_caches(extract_kwargs["workdir"])
+    assert entry.complete and entry.backbone == "test_resnet.r160_in1k" and entry.image_size == 64
+    with open_cache(entry.path) as fc:
+        counts = fc.split_counts()
+        assert sum(counts.values()) == 30 and fc.image_size == 64 and fc.classes == ["cat", "dog", "fox"]
+        train = fc.load("train")
+        assert train.features.dtype == np.float32 and train.features.shape == (counts["train"], fc.feature_dim)
+        assert set(train.labels) == {0, 1, 2}
+        blocks = list(fc.iter_batches("train", rows=4))
+        np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), train.features)
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), train.labels)
+        assert all(len(b[0]) <= 4 for b in blocks)
+        everything = fc.load()
+        assert len(everything.labels) == 30
+        with pytest.raises(CacheError, match="--store-maps"):
+            fc.load("val", maps=True)
+
+
+def test_reader_refuses_partial_and_missing(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="python -m extract"):
+        open_cache(tmp_path / "features" / "x@64.h5")
+    path = tmp_path / "x@64.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["complete"] = False
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(path)
+
+
+def test_complete_cache_reused_fast(image_folder: Path, extract_kwargs: dict) -> None:
+    (first,) = extract_features(data=str(image_folder), **extract_kwargs)
+    mtime = first.path.stat().st_mtime_ns
+    (again,) = extract_features(data=str(image_folder), **extract_kwargs)
+    assert again.status == "reused" and again.seconds < 1.0
+    assert first.path.stat().st_mtime_ns == mtime
+    (forced,) = extract_features(data=str(image_folder), **{**extract_kwargs, "force": True})
+    assert forced.status == "built"
+
+
+def test_stale_cache_rebuilt(image_folder: Path, extract_kwargs: dict, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    (first,) = extract_features(data=str(image_folder), **extract_kwargs)
+    before = features(first.path)
+    make_image(image_folder / "cat" / "00.png", seed=999)  # same name, other pixels
+    (second,) = extract_features(data=str(image_folder), **extract_kwargs)
+    assert second.status == "built"
+    assert "stale cache (dataset changed)" in caplog.text
+    assert not np.array_equal(before, features(second.path))
+    (third,) = extract_features(data=str(image_folder), **{**extract_kwargs, "dtype": "float32"})
+    assert third.status == "built" and features(third.path).dtype == np.float32
+
+
+def test_new_split_relabels_without_forward_pass(image_folder: Path, extract_kwargs: dict, tmp_path: Path) -> None:
+    fold_of = lambda i: "test" if i >= 8 else str(i % 2)  # noqa: E731
+    rows = [f"images/{c}/{i:02d}.png,{c},{fold_of(i)}" for c in ("cat", "dog", "fox") for i in range(10)]
+    csv_path = tmp_path / "folds.csv"
+    csv_path.write_text("path,label,fold\n" + "\n".join(rows) + "\n")
+    (a,) = extract_features(data=str(csv_path), fold=0, **extract_kwargs)
+    feats = features(a.path)
+    (b,) = extract_features(data=str(csv_path), fold=1, **extract_kwargs)
+    assert b.status == "relabelled"
+    np.testing.assert_array_equal(features(b.path), feats)
+    with open_cache(b.path) as fc:
+        val = fc.load("val")
+    assert all(int(Path(i).stem) % 2 == 1 for i in val.ids)
+
+
+def test_interrupted_run_resumes_to_identical_file(image_folder: Path, extract_kwargs: dict, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    reference_kwargs = {**extract_kwargs, "workdir": tmp_path / "reference"}
+    (ref,) = extract_features(data=str(image_folder), **reference_kwargs)
+
+    calls = {"n": 0}
+    original = CacheWriter.write
+
+    def dying_write(self, start, pooled, maps=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-run
+        return original(self, start, pooled, maps)
+
+    monkeypatch.setattr(CacheWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(data=str(image_folder), **extract_kwargs)
+    monkeypatch.setattr(CacheWriter, "write", original)
+    partial = extract_kwargs["workdir"] / "features" / "test_resnet.r160_in1k@64.h5.partial"
+    assert partial.exists() and not partial.with_suffix("").exists()
+    with h5py.File(partial, "r") as f:
+        assert f.attrs["rows_done"] == 16 and not f.attrs["complete"]
+    (resumed,) = extract_features(data=str(image_folder), **extract_kwargs)
+    assert resumed.status == "resumed" and not partial.exists()
+    np.testing.assert_array_equal(features(resumed.path), features(ref.path))
+
+
+def test_killed_process_resumes(tmp_path: Path) -> None:
+    """SIGKILL a real extraction mid-way; the same command finishes it with what an uninterrupted run writes."""
+    root = tmp_path / "many"
+    for c in range(2):
+        for i in range(160):
+            make_image(root / f"c{c}" / f"{i:03d}.png", seed=c * 1000 + i, size=32)
+    work = tmp_path / "run"
+    cmd = [sys.executable, "-m", "extract", "--data", str(root), "--backbones", "test_vit.r160_in1k",
+           "--no-pretrained", "--workdir", str(work), "--batch-size", "4", "--workers", "0", "--device", "cpu",
+           "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HDF5_USE_FILE_LOCKING": "FALSE", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = work / "features" / "test_vit.r160_in1k@160.h5.partial"
+    deadline = time.time() + 120
+    rows_done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if partial.exists():
+            try:
+                with h5py.File(partial, "r", locking=False) as f:
+                    rows_done = int(f.attrs.get("rows_done", 0))
+            except OSError:
+                pass
+            if rows_done >= 40:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < rows_done < 320, "the run should have been killed mid-way"
+    assert partial.exists()
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    final = work / "features" / "test_vit.r160_in1k@160.h5"
+    assert final.exists() and not partial.exists()
+    reference = tmp_path / "reference"
+    subprocess.run([*cmd[:-1][:cmd.index("--workdir") + 1], str(reference), *cmd[cmd.index("--workdir") + 2:]],
+                   cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    np.testing.assert_array_equal(features(final), features(reference / "features" / final.name))
+
+
+def test_views_maps_and_resolution_sweep(image_folder: Path, extract_kwargs: dict) -> None:
+    kwargs = {**extract_kwargs, "backbones": ["test_vit.r160_in1k"], "image_sizes": [64, 96], "views": 2,
+              "store_maps": True}
+    results = extract_features(data=str(image_folder), **kwargs)
+    assert [r.image_size for r in results] == [64, 96]
+    with open_cache(results[0].path) as fc:
+        n_train = fc.split_counts()["train"]
+        assert fc.num_rows == 30 + 2 * n_train and fc.num_views == 2
+        plain = fc.load("train")
+        aug = fc.load("train", views=True, maps=True)
+        assert len(aug.labels) == 3 * n_train and set(aug.views) == {0, 1, 2}
+        # ViT tokens folded back to a (C, H, W) grid: 64 px / patch 16 = 4.
+        assert aug.maps.shape[1:] == (fc.feature_dim, 4, 4) and aug.maps.dtype == np.float16
+        first = plain.ids[0]
+        rows = aug.features[aug.ids == first]
+        assert len(rows) == 3 and not np.allclose(rows[0], rows[1])  # augmented views differ
+        assert len(fc.load("val", views=True).labels) == fc.split_counts()["val"]  # no views for val
+    with open_cache(results[1].path) as fc:
+        assert fc.load("val", maps=True).maps.shape[2:] == (6, 6)
+
+
+def test_cli_end_to_end_and_errors(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    work = tmp_path / "cli"
+    argv = ["--data", str(image_folder), "--backbones", "test_resnet.r160_in1k", "--no-pretrained",
+            "--workdir", str(work), "--image-size", "64", "--workers", "0", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "test_resnet.r160_in1k" in out and "built" in out and "random" in out
+    assert (work / "config.yaml").is_file() and (work / "dataset.json").is_file()
+    assert main([*argv[:3], "resnet5O", *argv[4:]]) == 2
+    assert "Did you mean" in caplog.text
+    assert main(["--data", str(tmp_path / "nope"), *argv[2:]]) == 2
+    assert "no such file or folder" in caplog.text
