@@ -23,10 +23,12 @@ test: setup
 
 demo: setup
 	$(PY) -m extract --config configs/demo.yaml $(DEMO_WEIGHTS)
-	@echo "Demo outputs are in runs/demo/"
+	$(PY) -m probe --config configs/demo.yaml
+	@echo "Demo outputs are in runs/demo/: features/, probe/leaderboard.md, probe/results.csv, probe/confusion/"
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/extract_overhead.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/probe_vs_naive.py
 
 clean:
 	rm -rf runs/demo

@@ -269,7 +269,8 @@ def extract_one(
         batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
-    meta = {"versions": library_versions(), "untrained_modules": untrained, "weights_source": weights.kind,
+    meta = {"versions": library_versions(), "untrained_modules": untrained,
+            "params": sum(p.numel() for p in model.parameters()), "weights_source": weights.kind,
             "weights_location": weights.location, "device": str(device), "random_weights": weights.is_random}
 
     def open_writer(pooled: np.ndarray, maps: np.ndarray | None) -> CacheWriter:

@@ -1,0 +1,119 @@
+"""The heads a probe trains, as standalone modules: what is saved, reloaded and put on a backbone.
+
+Every head takes pooled features (B, D) and returns logits (B, C). Standardisation
+with the training statistics is part of the head (buffers), so a saved head
+applies to raw backbone features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probe.grid import HeadConfig
+
+HEAD_FORMAT = 1
+
+
+class Standardize(nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("std", std.float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+class LinearHead(nn.Module):
+    def __init__(self, dim: int, num_classes: int, norm: Standardize) -> None:
+        super().__init__()
+        self.norm = norm
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x))
+
+
+class MLPHead(nn.Module):
+    """[features, hidden..., classes] with GELU and dropout after each hidden layer."""
+
+    def __init__(self, dim: int, hidden: tuple[int, ...], num_classes: int, dropout: float, norm: Standardize) -> None:
+        super().__init__()
+        self.norm = norm
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(dim, h), nn.GELU(), nn.Dropout(dropout)]
+            dim = h
+        layers.append(nn.Linear(dim, num_classes))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(x))
+
+
+class KNNHead(nn.Module):
+    """k nearest neighbours by cosine similarity, votes weighted by exp(similarity / temperature).
+
+    Returns log-probabilities as logits, so softmax gives the vote shares.
+    """
+
+    def __init__(self, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int, temperature: float) -> None:
+        super().__init__()
+        self.register_buffer("bank", F.normalize(bank.float(), dim=1))
+        self.register_buffer("bank_labels", bank_labels.long())
+        self.num_classes, self.k, self.temperature = num_classes, k, temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(knn_probabilities(F.normalize(x.float(), dim=1), self.bank, self.bank_labels,
+                                           self.num_classes, self.k, self.temperature).clamp_min(1e-12))
+
+
+def knn_probabilities(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+                      k: int, temperature: float, chunk: int = 4096) -> torch.Tensor:
+    """Vote shares (N, C) for L2-normalised ``queries`` against an L2-normalised ``bank``."""
+    k = min(k, len(bank))
+    out = []
+    for start in range(0, len(queries), chunk):
+        sim = queries[start:start + chunk] @ bank.T
+        top, idx = sim.topk(k, dim=1)
+        weights = (top / temperature).exp()
+        votes = torch.zeros(len(sim), num_classes, dtype=weights.dtype, device=sim.device)
+        votes.scatter_add_(1, bank_labels[idx], weights)
+        out.append(votes / votes.sum(1, keepdim=True))
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def build_head(config: HeadConfig, dim: int, num_classes: int, mean: torch.Tensor, std: torch.Tensor,
+               bank: torch.Tensor | None = None, bank_labels: torch.Tensor | None = None) -> nn.Module:
+    if config.type == "linear":
+        return LinearHead(dim, num_classes, Standardize(mean, std))
+    if config.type == "mlp":
+        return MLPHead(dim, config.hidden, num_classes, config.dropout, Standardize(mean, std))
+    assert bank is not None and bank_labels is not None
+    return KNNHead(bank, bank_labels, num_classes, config.k, config.temperature)
+
+
+def head_checkpoint(head: nn.Module, config: HeadConfig, *, dim: int, num_classes: int,
+                    info: dict[str, Any]) -> dict[str, Any]:
+    """A dict of tensors and plain values: loads with ``torch.load(..., weights_only=True)``."""
+    return {"format": HEAD_FORMAT, "config": config.to_dict(), "dim": dim, "num_classes": num_classes,
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, **info}
+
+
+def head_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """Rebuild a head saved by :func:`head_checkpoint` (weights loaded, eval mode)."""
+    cfg = dict(ckpt["config"])
+    cfg["hidden"] = tuple(cfg.get("hidden") or ())
+    config = HeadConfig(**cfg)
+    state = ckpt["state_dict"]
+    dim, classes = int(ckpt["dim"]), int(ckpt["num_classes"])
+    if config.type == "knn":
+        head = build_head(config, dim, classes, None, None, state["bank"], state["bank_labels"])
+    else:
+        head = build_head(config, dim, classes, state["norm.mean"], state["norm.std"])
+    head.load_state_dict(state)
+    return head.eval()

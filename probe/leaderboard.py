@@ -1,0 +1,82 @@
+"""Ranking backbones: sort by the validation metric, mark statistical ties, write the table."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from probe.metrics import METRICS
+
+
+def mark_ties(entries: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Sort by validation ``metric`` (selection never looks at test) and flag test CIs overlapping the top one's."""
+    higher = METRICS[metric]
+    ranked = sorted(entries, key=lambda e: (-e["val"][metric] if higher else e["val"][metric], e["backbone"], e["image_size"]))
+    if not ranked:
+        return ranked
+    lo0, hi0 = ranked[0]["test_ci"][metric]
+    for rank, e in enumerate(ranked, start=1):
+        lo, hi = e["test_ci"][metric]
+        e["rank"] = rank
+        e["tied_with_best"] = rank > 1 and not (math.isnan(lo) or math.isnan(lo0)) and lo <= hi0 and lo0 <= hi
+    return ranked
+
+
+def read_profiling(workdir: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Batch-1 latency and FLOPs per (backbone, size) from ``profiling/performance.json``, if it exists.
+
+    Expected records carry ``backbone``, ``image_size``, ``batch_size``, ``p50_ms`` and ``gflops``; the
+    fastest provider at batch size 1 is shown.
+    """
+    path = Path(workdir) / "profiling" / "performance.json"
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    records = records.get("records", records) if isinstance(records, dict) else records
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in records if isinstance(records, list) else []:
+        try:
+            if int(r.get("batch_size", 1)) != 1:
+                continue
+            key = (str(r["backbone"]), int(r["image_size"]))
+            if key not in out or float(r["p50_ms"]) < float(out[key]["p50_ms"]):
+                out[key] = r
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def _fmt(v: float, digits: int = 4) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def leaderboard_rows(ranked: Sequence[dict[str, Any]], metric: str, profiling: dict) -> list[dict[str, Any]]:
+    rows = []
+    for e in ranked:
+        lo, hi = e["test_ci"][metric]
+        row = {
+            "rank": e["rank"],
+            "backbone": e["backbone"],
+            "size": e["image_size"],
+            "best head": e["head"],
+            f"val {metric}": _fmt(e["val"][metric]),
+            f"test {metric} [95% CI]": f"{_fmt(e['test'][metric])} [{_fmt(lo, 3)}, {_fmt(hi, 3)}]",
+            "test acc": _fmt(e["test"]["accuracy"]),
+            "tie": "≈ best" if e["tied_with_best"] else ("best" if e["rank"] == 1 else ""),
+        }
+        if e.get("cv"):
+            row[f"cv {metric}"] = f"{_fmt(e['cv']['mean'])} ± {_fmt(e['cv']['std'])}"
+        if e.get("logreg"):
+            row[f"logreg val/test {metric}"] = f"{_fmt(e['logreg']['val'][metric])} / {_fmt(e['logreg']['test'][metric])}"
+        row["params (M)"] = _fmt(e["params"] / 1e6, 2) if e.get("params") else ""
+        prof = profiling.get((e["backbone"], e["image_size"]))
+        if profiling:
+            row["latency p50 (ms, b=1)"] = _fmt(float(prof["p50_ms"]), 2) if prof else ""
+            row["GFLOPs"] = _fmt(float(prof["gflops"]), 2) if prof else ""
+        row["weights"] = e["weights"]
+        rows.append(row)
+    return rows

@@ -1,0 +1,248 @@
+"""`probe` as a library call: every cached backbone gets the grid, the best head on validation, test once."""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+from tqdm.auto import tqdm
+
+from cache import CacheError, list_caches, open_cache
+from extract.config import atomic_write_text
+from extract.console import format_table
+from probe.baseline import logreg_baseline
+from probe.grid import Grid, HeadConfig, load_grid
+from probe.heads import head_checkpoint
+from probe.leaderboard import leaderboard_rows, mark_ties, read_profiling
+from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k
+from probe.plots import plot_confusion, plot_confusion_grid
+from probe.train import TrainedHead, predict_proba, train_grid
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = tuple(METRICS)
+
+
+@dataclass
+class ProbeOutputs:
+    entries: list[dict[str, Any]]  # one per backbone x size, ranked
+    leaderboard: str
+    folder: Path
+
+
+def select_caches(workdir: Path, backbones: list[str] | None) -> list[Path]:
+    """Complete caches of ``workdir`` matching ``backbones`` (names or patterns); clear errors otherwise."""
+    entries = list_caches(workdir)
+    if not entries:
+        raise CacheError(f"no feature caches in {Path(workdir) / 'features'}. "
+                         f"Run `python -m extract --data PATH|demo --workdir {workdir}` first.")
+    if backbones:
+        chosen = [e for e in entries if any(fnmatch.fnmatch(e.backbone, b) or e.backbone == b or
+                                            fnmatch.fnmatch(f"{e.backbone}@{e.image_size}", b) for b in backbones)]
+        if not chosen:
+            names = sorted({e.backbone for e in entries})
+            raise CacheError(f"--backbones {','.join(backbones)} matches no cache in {workdir}; cached: {', '.join(names)}. "
+                             "Run `python -m extract` for the backbones you want.")
+    else:
+        chosen = entries
+    incomplete = [e.path.name for e in chosen if not e.complete]
+    if incomplete:
+        raise CacheError(f"incomplete cache(s) {', '.join(incomplete)} (an extraction was interrupted). "
+                         f"Run `python -m extract` again with the same options to finish them, or leave them out with --backbones.")
+    return [e.path for e in chosen]
+
+
+def _better(metric: str, a: float, b: float) -> bool:
+    return a > b if METRICS[metric] else a < b
+
+
+def choose(trained: list[TrainedHead], metric: str, scores: list[float] | None = None) -> int:
+    """Index of the best head by validation score (first in grid order on a tie)."""
+    scores = scores if scores is not None else [t.val_metric for t in trained]
+    best = 0
+    for i, s in enumerate(scores):
+        if _better(metric, s, scores[best]):
+            best = i
+    return best
+
+
+def cross_validate(configs: list[HeadConfig], x: np.ndarray, y: np.ndarray, *, folds: int, num_classes: int,
+                   metric: str, grid: Grid, seed: int, device: torch.device) -> np.ndarray:
+    """(folds, heads) validation metric of every head by stratified K-fold CV over train+val."""
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    out = []
+    for k, (tr, va) in enumerate(skf.split(x, y)):
+        trained = train_grid(configs, x_train=x[tr], y_train=y[tr], x_val=x[va], y_val=y[va], num_classes=num_classes,
+                             metric=metric, options=grid.train, seed=seed, device=device, desc=f"fold {k + 1}/{folds}")
+        out.append([t.val_metric for t in trained])
+    return np.asarray(out)
+
+
+def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline: str, folds: int | None,
+                seed: int, device: torch.device, n_boot: int, top_k: int | None, out: Path,
+                progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Probe one cache: returns its leaderboard entry and its rows for results.csv."""
+    t0 = time.perf_counter()
+    with open_cache(path) as fc:
+        train = fc.load("train", views=fc.num_views > 0)
+        val, test = fc.load("val"), fc.load("test")
+        info = {"backbone": fc.backbone, "image_size": fc.image_size, "model": fc.model, "weights": fc.weights,
+                "model_kwargs": fc.key.get("model_kwargs") or {}, "data_config": fc.data_config,
+                "weights_location": fc.meta.get("weights_location"), "classes": fc.classes,
+                "params": fc.meta.get("params"), "cache": str(path), "views": fc.num_views}
+    classes = info["classes"]
+    c = len(classes)
+    k = top_k or default_top_k(c)
+    name = f"{info['backbone']}@{info['image_size']}"
+    configs = grid.heads if use_grid else [grid.default]
+    if info["weights"] == "random":
+        log.warning("%s: features of RANDOM weights (extracted with --no-pretrained)", name)
+
+    cv = None
+    scores = None
+    if folds:
+        x_all = np.concatenate([train.features[train.views == 0], val.features])
+        y_all = np.concatenate([train.labels[train.views == 0], val.labels])
+        if info["views"]:
+            log.info("%s: cross-validation uses the plain (unaugmented) features", name)
+        per_fold = cross_validate(configs, x_all, y_all, folds=folds, num_classes=c, metric=metric, grid=grid,
+                                  seed=seed, device=device)
+        scores = list(per_fold.mean(0))
+        cv = {"mean": per_fold.mean(0), "std": per_fold.std(0)}
+
+    t_grid = time.perf_counter()
+    trained = train_grid(configs, x_train=train.features, y_train=train.labels, x_val=val.features, y_val=val.labels,
+                         num_classes=c, metric=metric, options=grid.train, seed=seed, device=device,
+                         progress=progress, desc=name)
+    grid_seconds = time.perf_counter() - t_grid
+    best = choose(trained, metric, scores)
+    chosen = trained[best]
+
+    # Test metrics: once, for the chosen head only.
+    test_proba = predict_proba(chosen.head, test.features)
+    test_metrics = compute_metrics(test.labels, test_proba, top_k=k, per_class=True)
+    ci = bootstrap_ci(test.labels, test_proba, n_boot=n_boot, seed=seed, top_k=k)
+
+    rows = []
+    for i, t in enumerate(trained):
+        val_m = compute_metrics(val.labels, t.val_proba, top_k=k)
+        row: dict[str, Any] = {"backbone": info["backbone"], "image_size": info["image_size"], "head": t.config.name,
+                               **{f"cfg_{key}": v for key, v in t.config.to_dict().items()},
+                               "best_epoch": t.best_epoch, "chosen": i == best,
+                               **{f"val_{m}": val_m[m] for m in METRIC_NAMES}}
+        if cv is not None:
+            row.update(cv_mean=float(cv["mean"][i]), cv_std=float(cv["std"][i]))
+        if i == best:
+            row.update({f"test_{m}": test_metrics[m] for m in METRIC_NAMES})
+            row.update({f"test_{m}_ci_low": ci[m][0] for m in METRIC_NAMES})
+            row.update({f"test_{m}_ci_high": ci[m][1] for m in METRIC_NAMES})
+        row.update(seed=seed, weights=info["weights"], cache=info["cache"])
+        rows.append(row)
+    val_best = compute_metrics(val.labels, chosen.val_proba, top_k=k)
+
+    logreg = None
+    if baseline == "logreg":
+        lr = logreg_baseline(train.features, train.labels, val.features, val.labels, metric=metric, num_classes=c)
+        lr_val = compute_metrics(val.labels, lr.predict_proba(val.features), top_k=k)
+        lr_test = compute_metrics(test.labels, lr.predict_proba(test.features), top_k=k)
+        logreg = {"C": lr.C, "val": lr_val, "test": lr_test}
+        rows.append({"backbone": info["backbone"], "image_size": info["image_size"], "head": f"logreg-C{lr.C:g}",
+                     "cfg_type": "logreg", "chosen": False, **{f"val_{m}": lr_val[m] for m in METRIC_NAMES},
+                     **{f"test_{m}": lr_test[m] for m in METRIC_NAMES}, "seed": seed, "weights": info["weights"],
+                     "cache": info["cache"]})
+
+    # The chosen head, loadable on its backbone with torch.load(weights_only=True).
+    head_path = out / "heads" / f"{name}.pt"
+    head_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(head_checkpoint(chosen.head, chosen.config, dim=train.features.shape[1], num_classes=c, info={
+        **{key: info[key] for key in ("backbone", "model", "model_kwargs", "weights", "weights_location",
+                                      "image_size", "data_config", "classes")},
+        "metric": metric, "val_metric": chosen.val_metric, "seed": seed,
+    }), head_path)
+    history_path = out / "history" / f"{name}.csv"
+    _write_csv(history_path, chosen.history)
+    plot_confusion(np.asarray(test_metrics["confusion"]), classes,
+                   f"{name} — {chosen.config.name}\ntest {metric} {test_metrics[metric]:.3f}",
+                   out / "confusion" / f"{name}.png")
+    entry = {**info, "head": chosen.config.name, "head_config": chosen.config.to_dict(), "val": val_best,
+             "test": test_metrics, "test_ci": ci, "logreg": logreg, "n_heads": len(configs),
+             "grid_seconds": grid_seconds, "seconds": time.perf_counter() - t0, "head_file": str(head_path),
+             "history_file": str(history_path),
+             "cv": {"mean": float(cv["mean"][best]), "std": float(cv["std"][best]), "folds": folds} if cv else None}
+    log.info("%s: best %s, val %s %.4f, test %.4f [%.3f, %.3f]; %d heads in %.2fs", name, chosen.config.name, metric,
+             val_best[metric], test_metrics[metric], *ci[metric], len(configs), grid_seconds)
+    return entry, rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if np.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def run_probe(*, workdir: Path, backbones: list[str] | None = None, grid: bool = False, grid_file: Path | None = None,
+              metric: str = "macro_f1", baseline: str = "none", folds: int | None = None, ordinal: bool = False,
+              seed: int = 0, device: str = "auto", n_boot: int = 1000, top_k: int | None = None,
+              progress: bool = True) -> ProbeOutputs:
+    """Train heads on every selected cache, choose on validation, test once, write ``probe/``."""
+    from extract.device import pick_device
+
+    workdir = Path(workdir)
+    paths = select_caches(workdir, backbones)
+    spec = load_grid(grid_file)
+    dev = pick_device(device)
+    out = workdir / "probe"
+    n_heads = len(spec.heads) if grid else 1
+    log.info("Probing %d cache(s) with %d head(s) each on %s; selection by validation %s", len(paths), n_heads, dev, metric)
+    entries, rows = [], []
+    for path in tqdm(paths, desc="caches", unit="cache", disable=not progress or len(paths) < 2, dynamic_ncols=True):
+        entry, r = probe_cache(path, grid=spec, use_grid=grid, metric=metric, baseline=baseline, folds=folds, seed=seed,
+                               device=dev, n_boot=n_boot, top_k=top_k, out=out, progress=progress)
+        entries.append(entry)
+        rows += r
+    ranked = mark_ties(entries, metric)
+    table = format_table(leaderboard_rows(ranked, metric, read_profiling(workdir)))
+    randoms = any(e["weights"] == "random" for e in ranked)
+    header = (f"# Probe leaderboard\n\nSorted by validation {metric} (the selection metric); test metrics with 95% "
+              f"bootstrap CIs ({n_boot} resamples of the test images). '≈ best': the test CI overlaps the top one's.\n"
+              f"Seed {seed}; {n_heads} head(s) per backbone{'; ordinal labels' if ordinal else ''}.\n")
+    if randoms:
+        header += "\n**Some backbones use RANDOM weights (--no-pretrained): their numbers say nothing about pretrained quality.**\n"
+    leaderboard = header + "\n" + table + "\n"
+    atomic_write_text(out / "leaderboard.md", leaderboard)
+    _write_csv(out / "results.csv", rows)
+    atomic_write_text(out / "results.json", json.dumps(_jsonable({
+        "metric": metric, "seed": seed, "grid": grid, "n_heads": n_heads, "ordinal": ordinal, "folds": folds,
+        "bootstrap": n_boot, "leaderboard": ranked, "rows": rows}), indent=2))
+    top = [e for e in ranked[:4]]
+    if top:
+        plot_confusion_grid([(f"#{e['rank']} {e['backbone']}@{e['image_size']}", np.asarray(e["test"]["confusion"]))
+                             for e in top], ranked[0]["classes"], out / "confusion" / "top.png")
+    return ProbeOutputs(entries=ranked, leaderboard=leaderboard, folder=out)

@@ -1,0 +1,291 @@
+"""Training a whole grid of heads together, in one pass over features held in memory.
+
+Heads of one family (linear, or MLP with the same hidden sizes) are stacked: their
+weights live in one tensor with a head axis, so one matrix multiply per mini-batch
+serves them all. Per-head losses are summed; heads share no parameters, so each
+head's gradient is exactly that of its own loss. The AdamW update is applied with a
+per-head learning rate and weight decay (vectors along the head axis) — the same
+arithmetic as ``torch.optim.AdamW``, which the tests check — and each head follows
+its own warm-up + cosine schedule over its own number of epochs.
+
+Initialisation, dropout masks and batch order are seeded per head (and per epoch),
+so a head trains the same alone as inside a grid. Heads that early-stop are
+removed from the stack, so they cost nothing afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from probe.grid import HeadConfig, TrainOptions
+from probe.heads import build_head
+from probe.metrics import METRICS, fast_metric
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+@dataclass
+class TrainedHead:
+    config: HeadConfig
+    head: nn.Module  # standalone, best-epoch weights, eval mode, on the CPU
+    val_metric: float
+    val_proba: np.ndarray
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """scikit-learn's 'balanced' weights, n / (C * n_c), from the training labels."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def feature_stats(x: torch.Tensor, standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not standardize:
+        return torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    x = x.double()
+    # Constant features get std 1, so they stay constant instead of dividing by zero.
+    std = x.std(0, unbiased=False)
+    return x.mean(0).float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+
+
+def lr_factors(step: int, epochs: torch.Tensor, warmup_epochs: int, steps_per_epoch: int) -> torch.Tensor:
+    """Per-head linear warm-up, then cosine decay to 0 at the end of each head's own ``epochs``."""
+    total = (epochs * steps_per_epoch).clamp_min(1).double()
+    warm = torch.minimum(total - 1, torch.full_like(total, warmup_epochs * steps_per_epoch))
+    warmup = (step + 1) / warm.clamp_min(1)
+    progress = ((step - warm) / (total - warm).clamp_min(1)).clamp(0, 1)
+    cosine = 0.5 * (1 + torch.cos(math.pi * progress))
+    return torch.where(step < warm, warmup, cosine).float()
+
+
+class _Family:
+    """Heads of one architecture stacked along a head axis, with their AdamW state.
+
+    The first layer is stored (D, heads, out), so that all heads' first layers are one
+    (D, heads*out) matrix without a copy; later layers are stored (heads, in, out).
+    """
+
+    def __init__(self, heads: dict[int, nn.Module], configs: list[HeadConfig], members: list[int], seed: int,
+                 device: torch.device) -> None:
+        self.members = list(members)  # indices into the grid
+        self.index = torch.tensor(self.members, device=device)
+        linears = [[m for m in heads[i].modules() if isinstance(m, nn.Linear)] for i in members]
+        self.weights = [torch.stack([ls[layer].weight.detach().T for ls in linears], dim=1 if layer == 0 else 0)
+                        .contiguous().to(device).requires_grad_() for layer in range(len(linears[0]))]
+        self.biases = [torch.stack([ls[layer].bias.detach() for ls in linears]).to(device).requires_grad_()
+                       for layer in range(len(linears[0]))]
+        self.dropout = torch.tensor([configs[i].dropout for i in members], device=device)
+        self.generators = [torch.Generator().manual_seed(configs[i].seed_for(seed) + 1) for i in members]
+        self.state = {id(p): (torch.zeros_like(p), torch.zeros_like(p)) for p in self.params()}
+
+    def _head_axis(self, p: torch.Tensor) -> int:
+        return 1 if p is self.weights[0] else 0
+
+    def params(self) -> list[torch.Tensor]:
+        return [*self.weights, *self.biases]
+
+    def logits(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """(B, heads, C) for standardised features ``x`` (B, D)."""
+        w0 = self.weights[0]  # (D, H, out)
+        out = (x @ w0.view(w0.shape[0], -1)).view(len(x), w0.shape[1], -1) + self.biases[0]
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            out = F.gelu(out)
+            if train and bool((self.dropout > 0).any()):
+                keep = torch.stack([torch.rand(len(x), out.shape[2], generator=g) for g in self.generators], 1)
+                p = self.dropout.view(1, -1, 1)
+                out = out * (keep.to(out.device) >= p) / (1 - p)
+            out = torch.einsum("bhi,hio->bho", out, w) + b
+        return out
+
+    def adamw_step(self, step: int, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
+        """AdamW (as torch.optim.AdamW) with per-head ``lr`` and ``weight_decay`` (vectors of length heads)."""
+        b1, b2 = BETAS
+        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+        with torch.no_grad():
+            for p in self.params():
+                if p.grad is None:
+                    continue
+                shape = [1] * p.ndim
+                shape[self._head_axis(p)] = -1
+                lr_p = lr.view(shape)
+                if any(p is w for w in self.weights):  # no decay on biases
+                    p.mul_(1 - lr_p * weight_decay.view(shape))
+                m, v = self.state[id(p)]
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v.sqrt() / math.sqrt(bc2)).add_(EPS)
+                p.sub_(lr_p / bc1 * m / denom)
+                p.grad = None
+
+    def keep(self, positions: list[int]) -> None:
+        """Drop every head not at ``positions`` (early-stopped ones) from the stack and its optimiser state."""
+        idx = torch.tensor(positions, device=self.weights[0].device)
+
+        new_state = {}
+        for group in (self.weights, self.biases):
+            for j, p in enumerate(group):
+                axis = self._head_axis(p)
+                m, v = self.state[id(p)]
+                group[j] = p.detach().index_select(axis, idx).contiguous().requires_grad_()
+                new_state[id(group[j])] = (m.index_select(axis, idx), v.index_select(axis, idx))
+        self.state = new_state
+        self.members = [self.members[i] for i in positions]
+        self.index = self.index[idx]
+        self.dropout = self.dropout[idx]
+        self.generators = [self.generators[i] for i in positions]
+
+    def export(self, position: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) per layer of one head, in nn.Linear's (out, in) layout."""
+        layers = []
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
+            w_h = w[:, position] if layer == 0 else w[position]
+            layers.append((w_h.detach().T.cpu().clone(), b[position].detach().cpu().clone()))
+        return layers
+
+
+def _load_layers(head: nn.Module, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for lin, (w, b) in zip(linears, layers):
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+
+
+def train_grid(
+    configs: list[HeadConfig],
+    *,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    num_classes: int,
+    metric: str = "macro_f1",
+    options: TrainOptions = TrainOptions(),
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "grid",
+) -> list[TrainedHead]:
+    """Train every head of ``configs`` on (x_train, y_train); keep each one's best epoch on validation."""
+    device = torch.device(device)
+    higher = METRICS[metric]
+    xt = torch.as_tensor(np.asarray(x_train), dtype=torch.float32)
+    xv = torch.as_tensor(np.asarray(x_val), dtype=torch.float32)
+    y_val = np.asarray(y_val)
+    mean, std = feature_stats(xt, options.standardize)
+    results: dict[int, TrainedHead] = {}
+
+    for i, c in enumerate(configs):
+        if c.type == "knn":
+            head = build_head(c, xt.shape[1], num_classes, mean, std, bank=xt, bank_labels=torch.as_tensor(y_train))
+            proba = predict_proba(head, xv)
+            score = fast_metric(metric, y_val, proba)
+            results[i] = TrainedHead(c, head.eval(), score, proba, 0, [{"epoch": 0, f"val_{metric}": score}])
+
+    trainable = [i for i, c in enumerate(configs) if c.trainable]
+    if trainable:
+        heads: dict[int, nn.Module] = {}
+        for i in trainable:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(configs[i].seed_for(seed))
+                heads[i] = build_head(configs[i], xt.shape[1], num_classes, mean, std)
+        by_arch: dict[tuple, list[int]] = {}
+        for i in trainable:
+            by_arch.setdefault((configs[i].type, configs[i].hidden), []).append(i)
+        families = [_Family(heads, configs, members, seed, device) for members in by_arch.values()]
+
+        xs_train = ((xt - mean) / std).to(device)
+        xs_val = ((xv - mean) / std).to(device)
+        yt = torch.as_tensor(np.asarray(y_train), dtype=torch.long, device=device)
+        yv = torch.as_tensor(y_val, dtype=torch.long, device=device)
+        cw = class_weights(np.asarray(y_train), num_classes).to(device)
+        n = len(xs_train)
+        # Small datasets get smaller batches: at least ~32 optimiser steps per epoch.
+        bs = min(options.batch_size, max(32, n // 32), n)
+        steps = math.ceil(n / bs)
+        lr0 = torch.tensor([c.lr for c in configs], device=device)
+        wd = torch.tensor([c.weight_decay for c in configs], device=device)
+        epochs_of = torch.tensor([c.epochs for c in configs])
+        weighted = torch.tensor([c.class_weighted for c in configs], device=device)
+
+        best = {i: (-math.inf if higher else math.inf) for i in trainable}
+        best_layers: dict[int, list] = {}
+        best_epoch = {i: 0 for i in trainable}
+        waited = {i: 0 for i in trainable}
+        history: dict[int, list[dict[str, Any]]] = {i: [] for i in trainable}
+        max_epochs = max(configs[i].epochs for i in trainable)
+        step = 0
+        bar = tqdm(total=max_epochs, desc=desc, unit="epoch", leave=False, disable=not progress, dynamic_ncols=True)
+        for epoch in range(1, max_epochs + 1):
+            t0 = time.perf_counter()
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
+            loss_sum = {id(f): torch.zeros(len(f.members), device=device) for f in families}
+            lr_at: dict[int, float] = {}
+            for start in range(0, n, bs):
+                idx = order[start:start + bs]
+                xb, yb = xs_train[idx], yt[idx]
+                step += 1
+                for fam in families:
+                    m = fam.index
+                    logits = fam.logits(xb, train=True)  # (B, H, C)
+                    nll = -logits.log_softmax(-1).gather(2, yb[:, None, None].expand(-1, len(fam.members), 1)).squeeze(2)
+                    w = torch.where(weighted[m][None, :], cw[yb][:, None], torch.ones_like(nll))
+                    per_head = (w * nll).sum(0) / w.sum(0)
+                    per_head.sum().backward()
+                    lr = lr0[m] * lr_factors(step - 1, epochs_of[m.cpu()], options.warmup_epochs, steps).to(device)
+                    fam.adamw_step(step, lr, wd[m])
+                    loss_sum[id(fam)] += per_head.detach() * len(idx)
+                    lr_at[id(fam)] = lr
+            still_by_family = []
+            for fam in families:
+                with torch.no_grad():
+                    val_logits = torch.cat([fam.logits(xs_val[s:s + 8192], train=False) for s in range(0, len(xs_val), 8192)])
+                    val_proba = val_logits.softmax(-1).cpu().numpy()
+                    val_loss = F.cross_entropy(val_logits.transpose(1, 2), yv[:, None].expand(-1, len(fam.members)),
+                                               reduction="none").mean(0).cpu()
+                keep = []
+                for j, i in enumerate(fam.members):
+                    score = fast_metric(metric, y_val, val_proba[:, j])
+                    history[i].append({"epoch": epoch, "train_loss": float(loss_sum[id(fam)][j] / n),
+                                       "val_loss": float(val_loss[j]), f"val_{metric}": score, "lr": float(lr_at[id(fam)][j]),
+                                       "seconds": time.perf_counter() - t0})
+                    if (score > best[i]) if higher else (score < best[i]):
+                        best[i], best_epoch[i], waited[i] = score, epoch, 0
+                        best_layers[i] = fam.export(j)
+                    else:
+                        waited[i] += 1
+                    if epoch < configs[i].epochs and waited[i] < configs[i].patience:
+                        keep.append(j)
+                if len(keep) < len(fam.members):
+                    if keep:
+                        fam.keep(keep)
+                    else:
+                        fam.members = []
+                still_by_family.append(fam)
+            families = [f for f in still_by_family if f.members]
+            bar.update(1)
+            if not families:
+                break
+        bar.close()
+        for i in trainable:
+            _load_layers(heads[i], best_layers[i])
+            head = heads[i].eval()
+            proba = predict_proba(head, xv)
+            results[i] = TrainedHead(configs[i], head, fast_metric(metric, y_val, proba), proba, best_epoch[i], history[i])
+    return [results[i] for i in range(len(configs))]
+
+
+def predict_proba(head: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return head(torch.as_tensor(x, dtype=torch.float32)).softmax(1).numpy()

@@ -1,0 +1,288 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+
+from cache import CacheError, open_cache
+from extract.pipeline import extract_features
+from probe.baseline import logreg_baseline
+from probe.classifier import load_classifier, load_head
+from probe.cli import main as probe_main
+from probe.grid import HeadConfig, TrainOptions, load_grid
+from probe.leaderboard import mark_ties
+from probe.metrics import _from_confusion, bootstrap_ci, compute_metrics, confusion_batch
+from probe.pipeline import probe_cache, run_probe
+from probe.train import _Family, train_grid
+
+SMALL_GRID = """
+train: {batch_size: 64, warmup_epochs: 1, standardize: true}
+heads:
+  linear: {lr: [0.003, 0.03], weight_decay: [0.0001, 0.1], class_weighted: [false, true], epochs: [6], patience: [3]}
+  mlp: {hidden: [[32]], lr: [0.003], weight_decay: [0.01], dropout: [0.3], epochs: [6], patience: [3]}
+  knn: {k: [1, 10], temperature: [0.07]}
+default: {type: linear, lr: 0.01, weight_decay: 0.001, epochs: 6, patience: 3}
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo digits through two tiny random-weight backbones at 48 px."""
+    work = tmp_path_factory.mktemp("probe") / "run"
+    extract_features(data="demo", backbones=["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"], workdir=work,
+                     pretrained=False, image_sizes=[48], batch_size=64, workers=0, device="cpu", progress=False)
+    return work
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("grid") / "grid.yaml"
+    path.write_text(SMALL_GRID)
+    return path
+
+
+def fresh_copy(workdir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(workdir / "features", target / "features")
+    return target
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def random_predictions(seed: int, n: int = 300, c: int = 5, missing: bool = False):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c - 1 if missing else c, n)
+    logits = rng.normal(size=(n, c)) + 2.0 * np.eye(c)[y] * rng.random((n, 1))
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, proba
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_equal_scikit_learn(seed: int) -> None:
+    y, proba = random_predictions(seed)
+    pred = proba.argmax(1)
+    labels = np.arange(5)
+    m = compute_metrics(y, proba, per_class=True)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["qwk"] == pytest.approx(skm.cohen_kappa_score(y, pred, weights="quadratic"))
+    assert m["top_k_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, proba, k=3, labels=labels))
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+    assert m["log_loss"] == pytest.approx(skm.log_loss(y, proba, labels=labels))
+    assert m["confusion"] == skm.confusion_matrix(y, pred).tolist()
+    p, r, f, _ = skm.precision_recall_fscore_support(y, pred, zero_division=0)
+    np.testing.assert_allclose(m["per_class"]["f1"], f)
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_fast_confusion_metrics_equal_scikit_learn(missing: bool) -> None:
+    """The bootstrap's numpy metrics agree with scikit-learn, also when a class never occurs."""
+    for seed in range(5):
+        y, proba = random_predictions(seed, n=120, c=5, missing=missing)
+        pred = proba.argmax(1)
+        fast = _from_confusion(confusion_batch(y, pred, 5)[0])
+        labels = np.arange(5)
+        assert fast["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+        assert fast["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro", labels=labels, zero_division=0))
+        assert fast["qwk"] == pytest.approx(skm.cohen_kappa_score(y, pred, labels=labels, weights="quadratic"))
+        with pytest.warns(UserWarning) if missing else _nullcontext():
+            expected = skm.balanced_accuracy_score(y, pred)
+        assert fast["balanced_accuracy"] == pytest.approx(expected)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_bootstrap_ci() -> None:
+    y, proba = random_predictions(3, n=400)
+    ci = bootstrap_ci(y, proba, n_boot=500, seed=0)
+    point = compute_metrics(y, proba)
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "top_k_accuracy", "log_loss", "roc_auc"):
+        lo, hi = ci[name]
+        assert lo < point[name] < hi, name
+        assert hi - lo < 0.25
+    # Deterministic for a seed, and narrower with more data.
+    assert bootstrap_ci(y, proba, n_boot=500, seed=0) == ci
+    y4, p4 = np.tile(y, 4), np.tile(proba, (4, 1))
+    lo4, hi4 = bootstrap_ci(y4, p4, n_boot=500, seed=0)["accuracy"]
+    assert hi4 - lo4 < ci["accuracy"][1] - ci["accuracy"][0]
+
+
+def test_ties() -> None:
+    def entry(name, val, lo, hi, metric="macro_f1"):
+        return {"backbone": name, "image_size": 224, "val": {metric: val}, "test_ci": {metric: (lo, hi)}}
+
+    ranked = mark_ties([entry("b", 0.80, 0.70, 0.82), entry("a", 0.90, 0.80, 0.95), entry("c", 0.70, 0.60, 0.79)], "macro_f1")
+    assert [e["backbone"] for e in ranked] == ["a", "b", "c"]  # by validation
+    assert [e["tied_with_best"] for e in ranked] == [False, True, False]
+    ranked = mark_ties([entry("x", 2.0, 1.0, 1.5, "log_loss"), entry("y", 1.0, 1.4, 1.8, "log_loss")], "log_loss")  # lower is better
+    assert [e["backbone"] for e in ranked] == ["y", "x"] and ranked[1]["tied_with_best"]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_stacked_adamw_equals_torch_adamw() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    cfg = HeadConfig(type="linear", lr=0.05, weight_decay=0.3)
+    from probe.heads import build_head
+
+    ref = build_head(cfg, 12, 3, torch.zeros(12), torch.ones(12))
+    mine = build_head(cfg, 12, 3, torch.zeros(12), torch.ones(12))
+    mine.load_state_dict(ref.state_dict())
+    opt = torch.optim.AdamW([{"params": [ref.fc.weight], "weight_decay": 0.3}, {"params": [ref.fc.bias], "weight_decay": 0.0}], lr=0.05)
+    fam = _Family({0: mine}, [cfg], [0], seed=0, device=torch.device("cpu"))
+    for step in range(1, 8):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        opt.step()
+        torch.nn.functional.cross_entropy(fam.logits(x, train=False)[:, 0], y).backward()
+        fam.adamw_step(step, torch.tensor([0.05]), torch.tensor([0.3]))
+    w, b = fam.export(0)[0]
+    torch.testing.assert_close(w, ref.fc.weight.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, ref.fc.bias.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_grid_equals_heads_trained_alone(workdir: Path, grid_file: Path) -> None:
+    grid = load_grid(grid_file)
+    with open_cache(workdir / "features" / "test_resnet.r160_in1k@48.h5") as fc:
+        tr, va = fc.load("train"), fc.load("val")
+    kw = dict(x_train=tr.features, y_train=tr.labels, x_val=va.features, y_val=va.labels, num_classes=10,
+              options=grid.train, seed=5)
+    together = train_grid(grid.heads, **kw)
+    for i in (0, 5, 8, 9):  # linear, class-weighted linear, MLP with dropout, kNN
+        alone = train_grid([grid.heads[i]], **kw)[0]
+        assert alone.best_epoch == together[i].best_epoch
+        np.testing.assert_allclose(alone.val_proba, together[i].val_proba, atol=1e-5)
+        assert alone.val_metric == pytest.approx(together[i].val_metric)
+    assert len(together) == len(grid.heads) == 11
+
+
+def test_knn_matches_scikit_learn_nearest_neighbour() -> None:
+    rng = np.random.default_rng(0)
+    xt, yt = rng.normal(size=(200, 16)).astype(np.float32), rng.integers(0, 4, 200)
+    xv, yv = rng.normal(size=(50, 16)).astype(np.float32), rng.integers(0, 4, 50)
+    (res,) = train_grid([HeadConfig(type="knn", k=1)], x_train=xt, y_train=yt, x_val=xv, y_val=yv, num_classes=4)
+    ref = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(xt, yt).predict(xv)
+    np.testing.assert_array_equal(res.val_proba.argmax(1), ref)
+
+
+def test_logreg_baseline_chooses_on_validation() -> None:
+    rng = np.random.default_rng(1)
+    xt, yt = rng.normal(size=(150, 8)), rng.integers(0, 3, 150)
+    xt[:, 0] += yt
+    xv, yv = rng.normal(size=(60, 8)), rng.integers(0, 3, 60)
+    xv[:, 0] += yv
+    res = logreg_baseline(xt, yt, xv, yv, metric="accuracy", cs=(0.001, 0.1, 10.0))
+    assert res.val_metric == max(res.val_by_C.values()) and res.val_by_C[res.C] == res.val_metric
+    s = StandardScaler().fit(xt)
+    ref = LogisticRegression(C=res.C, max_iter=1000).fit(s.transform(xt), yt)
+    np.testing.assert_allclose(res.predict_proba(xv), ref.predict_proba(s.transform(xv)), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_selection_never_looks_at_test(workdir: Path, grid_file: Path, tmp_path: Path) -> None:
+    grid = load_grid(grid_file)
+    path = workdir / "features" / "test_resnet.r160_in1k@48.h5"
+    shuffled = tmp_path / "shuffled" / path.name
+    shuffled.parent.mkdir()
+    shutil.copy(path, shuffled)
+    with h5py.File(shuffled, "r+") as f:
+        split = f["split"][...].astype(str)
+        labels = f["labels"][...]
+        test_rows = np.flatnonzero(split == "test")
+        labels[test_rows] = np.random.default_rng(0).permutation(labels[test_rows])
+        f["labels"][...] = labels
+    kw = dict(grid=grid, use_grid=True, metric="macro_f1", baseline="none", folds=None, seed=0,
+              device=torch.device("cpu"), n_boot=50, top_k=None, progress=False)
+    a, _ = probe_cache(path, out=tmp_path / "a", **kw)
+    b, _ = probe_cache(shuffled, out=tmp_path / "b", **kw)
+    assert a["head"] == b["head"] and a["val"] == b["val"]  # same choice, same validation numbers
+    assert a["test"]["accuracy"] != b["test"]["accuracy"]  # while the test labels did change
+
+
+def test_probe_outputs_and_reload(workdir: Path, grid_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    work = fresh_copy(workdir, tmp_path)
+    argv = ["--workdir", str(work), "--grid", "--grid-file", str(grid_file), "--baseline", "logreg",
+            "--bootstrap", "100", "--no-progress"]
+    assert probe_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "test_resnet.r160_in1k" in printed and "RANDOM" in printed
+    out = work / "probe"
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["rows"]) == 2 * (11 + 1)  # 11 heads + logreg per backbone
+    chosen = [r for r in results["rows"] if r["chosen"]]
+    assert len(chosen) == 2 and all("test_macro_f1" in r and "test_macro_f1_ci_low" in r for r in chosen)
+    assert all("test_macro_f1" not in r for r in results["rows"] if not r["chosen"] and r["cfg_type"] != "logreg")
+    assert (out / "results.csv").read_text().count("\n") == 1 + 24
+    board = (out / "leaderboard.md").read_text()
+    assert "| 1    |" in board and "logreg" in board
+    for name in ("test_resnet.r160_in1k@48", "test_efficientnet.r160_in1k@48"):
+        assert (out / "confusion" / f"{name}.png").stat().st_size > 1000
+        history = (out / "history" / f"{name}.csv").read_text().splitlines()
+        assert history[0].startswith("epoch") or "epoch" in history[0]
+    assert (out / "confusion" / "top.png").is_file()
+    # A saved head loads without pickle and, on its backbone, reproduces the logits from the cache.
+    head_path = out / "heads" / "test_resnet.r160_in1k@48.pt"
+    head, ckpt = load_head(head_path)
+    classifier, _ = load_classifier(head_path)
+    with open_cache(work / "features" / "test_resnet.r160_in1k@48.h5") as fc:
+        test = fc.load("test")
+        ids = test.ids[:6]
+    import timm
+
+    from extract.images import load_rgb
+
+    tf = timm.data.create_transform(**ckpt["data_config"], is_training=False)
+    root = workdir / "data" / "demo"
+    x = torch.stack([tf(load_rgb(root / i)) for i in ids])
+    with torch.no_grad():
+        from_images = classifier(x)
+        from_cache = head(torch.as_tensor(test.features[:6]))
+    torch.testing.assert_close(from_images, from_cache, rtol=0.02, atol=0.02)  # float16 cache
+    assert (from_images.argmax(1) == from_cache.argmax(1)).all()
+    # Same seed, same numbers.
+    first = (out / "results.csv").read_text()
+    assert probe_main(argv) == 0
+    assert (out / "results.csv").read_text() == first
+
+
+def test_default_head_and_folds(workdir: Path, grid_file: Path, tmp_path: Path) -> None:
+    work = fresh_copy(workdir, tmp_path)
+    result = run_probe(workdir=work, grid=False, grid_file=grid_file, folds=3, n_boot=50, progress=False,
+                       backbones=["test_resnet*"])
+    (entry,) = result.entries
+    assert entry["n_heads"] == 1 and entry["head"] == load_grid(grid_file).default.name
+    assert entry["cv"]["folds"] == 3 and 0 <= entry["cv"]["std"] < 0.2 and 0 < entry["cv"]["mean"] <= 1
+
+
+def test_missing_and_incomplete_caches(tmp_path: Path, workdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert probe_main(["--workdir", str(tmp_path / "empty"), "--no-progress"]) == 2
+    assert "python -m extract" in caplog.text
+    work = fresh_copy(workdir, tmp_path)
+    cache = work / "features" / "test_resnet.r160_in1k@48.h5"
+    cache.rename(cache.with_name(cache.name + ".partial"))
+    with pytest.raises(CacheError, match="python -m extract"):
+        run_probe(workdir=work, progress=False)
+    with pytest.raises(CacheError, match="matches no cache"):
+        run_probe(workdir=work, backbones=["vit_*"], progress=False)
