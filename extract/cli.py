@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from extract.backbones import BackboneError
-from extract.config import ConfigError, document_defaults, given_flags, resolve, write_resolved
+from extract.config import ConfigError, add_common_flags, document_defaults, settings_from_args, verbosity
 from extract.console import format_table, setup_logging
 from extract.dataset import DatasetError
 from extract.models import WeightsError
@@ -25,7 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
         "in WORKDIR/features/<backbone>@<size>.h5 (resumable; reused while its key matches).",
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--config", type=Path, help="YAML file with an 'extract:' section; flags override it")
     p.add_argument("--workdir", type=Path, help="where every stage reads and writes")
     p.add_argument("--data", help="an image folder (root/<class>/* or root/{train,val,test}/<class>/*), "
                    "a CSV (path,label[,split|fold]), or 'demo' (scikit-learn's digits)")
@@ -48,21 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-unreadable", type=float, help="fraction of unreadable images tolerated (skipped) before stopping")
     p.add_argument("--force", action="store_true", help="rebuild caches even when a matching one exists")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="count", help="more log output")
-    p.add_argument("-q", "--quiet", action="count", help="less log output")
+    add_common_flags(p, "extract")
     document_defaults(p, ExtractSettings())
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
+    setup_logging(verbosity(args))
     try:
-        settings = resolve(ExtractSettings, section="extract", config_file=getattr(args, "config", None),
-                           overrides=given_flags(args, exclude=("config", "verbose", "quiet")))
+        settings = settings_from_args(args, ExtractSettings, "extract")
         if not settings.data:
             raise ConfigError("data: required; pass --data PATH|demo or set extract.data in --config")
-        write_resolved(settings.workdir, "extract", settings)
         results = extract_features(
             data=settings.data, backbones=settings.backbones, workdir=settings.workdir,
             backbones_file=settings.backbones_file, pretrained=settings.pretrained, weights_dir=settings.weights_dir,

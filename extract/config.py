@@ -239,3 +239,25 @@ def document_defaults(parser: argparse.ArgumentParser, defaults: Any) -> None:
 def given_flags(namespace: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """The flags the user actually gave (parsers use ``argument_default=SUPPRESS``)."""
     return {k: v for k, v in vars(namespace).items() if k not in exclude}
+
+
+_COMMON = ("config", "verbose", "quiet")
+
+
+def add_common_flags(parser: argparse.ArgumentParser, section: str) -> None:
+    """--config, -v and -q, the same for every command."""
+    parser.add_argument("--config", type=Path, help=f"YAML file with a '{section}:' section; flags override it")
+    parser.add_argument("-v", "--verbose", action="count", help="more log output")
+    parser.add_argument("-q", "--quiet", action="count", help="less log output")
+
+
+def verbosity(namespace: argparse.Namespace) -> int:
+    return getattr(namespace, "verbose", 0) - getattr(namespace, "quiet", 0)
+
+
+def settings_from_args(namespace: argparse.Namespace, settings_cls: type[S], section: str) -> S:
+    """Defaults, then ``--config``'s section, then the given flags; recorded in the workdir."""
+    settings = resolve(settings_cls, section=section, config_file=getattr(namespace, "config", None),
+                       overrides=given_flags(namespace, exclude=_COMMON))
+    write_resolved(settings.workdir, section, settings)
+    return settings

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from extract.backbones import BackboneSpec
-from extract.models import Weights, create_backbone
+from extract.models import Weights, WeightsError, create_backbone, file_tag
 from probe.heads import head_from_checkpoint
 
 
@@ -33,17 +33,21 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def load_classifier(path: str | Path, *, weights: Weights | None = None) -> tuple[ProbeClassifier, dict[str, Any]]:
     """Backbone (as recorded in the head file) plus head. ``weights`` overrides where the backbone's weights come from."""
     head, ckpt = load_head(path)
-    spec = BackboneSpec(model=ckpt["model"], name=ckpt["backbone"], kwargs=dict(ckpt.get("model_kwargs") or {}))
+    # The cache key's model_kwargs hold the YAML kwargs plus img_size for a resized fixed-size model.
+    kwargs = dict(ckpt.get("model_kwargs") or {})
+    size_kwargs = {"img_size": kwargs.pop("img_size")} if "img_size" in kwargs else {}
+    spec = BackboneSpec(model=ckpt["model"], name=ckpt["backbone"], kwargs=kwargs)
     if weights is None:
         tag = ckpt["weights"]
         if tag == "random":
             weights = Weights("random", None, "random")
         elif tag.startswith("file:") and ckpt.get("weights_location"):
-            weights = Weights("file", ckpt["weights_location"], tag)
+            location = Path(ckpt["weights_location"])
+            if not location.is_file() or file_tag(location) != tag:
+                raise WeightsError(f"{path}: its backbone used weights {tag} from {location}, which is missing or has "
+                                   "changed; pass weights=Weights('file', PATH, tag) for the file it was trained with")
+            weights = Weights("file", str(location), tag)
         else:
             weights = Weights("hub", ckpt["model"], tag)
-    size_kwargs = {k: v for k, v in (ckpt.get("model_kwargs") or {}).items() if k == "img_size"}
-    spec = BackboneSpec(model=spec.model, name=spec.name,
-                        kwargs={k: v for k, v in spec.kwargs.items() if k != "img_size"})
     backbone, _ = create_backbone(spec, weights, **size_kwargs)
     return ProbeClassifier(backbone, head).eval(), ckpt

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cache import CacheError
-from extract.config import ConfigError, document_defaults, given_flags, resolve, write_resolved
+from extract.config import ConfigError, add_common_flags, document_defaults, settings_from_args, verbosity
 from extract.console import setup_logging
 from probe.metrics import METRICS
 from probe.pipeline import run_probe
@@ -24,7 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
         "the best head per backbone on validation, test it once, and rank the backbones.",
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--config", type=Path, help="YAML file with a 'probe:' section; flags override it")
     p.add_argument("--workdir", type=Path, help="the workdir `extract` filled")
     p.add_argument("--grid", action="store_true", help="train the whole grid of the grid file (else its one default head)")
     p.add_argument("--grid-file", type=Path, help="the grid definition (default: the shipped configs/probe.yaml)")
@@ -38,19 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples of the test set for the confidence intervals")
     p.add_argument("--top-k", type=int, help="k of top-k accuracy (default: 3 when there are more than 3 classes)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="count", help="more log output")
-    p.add_argument("-q", "--quiet", action="count", help="less log output")
+    add_common_flags(p, "probe")
     document_defaults(p, ProbeSettings())
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
+    setup_logging(verbosity(args))
     try:
-        s = resolve(ProbeSettings, section="probe", config_file=getattr(args, "config", None),
-                    overrides=given_flags(args, exclude=("config", "verbose", "quiet")))
-        write_resolved(s.workdir, "probe", s)
+        s = settings_from_args(args, ProbeSettings, "probe")
         result = run_probe(workdir=s.workdir, backbones=s.backbones or None, grid=s.grid, grid_file=s.grid_file,
                            metric=s.selection_metric, baseline=s.baseline, folds=s.folds, ordinal=s.ordinal,
                            seed=s.seed, device=s.device, n_boot=s.bootstrap, top_k=s.top_k, progress=s.progress)

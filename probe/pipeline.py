@@ -241,7 +241,7 @@ def run_probe(*, workdir: Path, backbones: list[str] | None = None, grid: bool =
     atomic_write_text(out / "results.json", json.dumps(_jsonable({
         "metric": metric, "seed": seed, "grid": grid, "n_heads": n_heads, "ordinal": ordinal, "folds": folds,
         "bootstrap": n_boot, "leaderboard": ranked, "rows": rows}), indent=2))
-    top = [e for e in ranked[:4]]
+    top = ranked[:4]
     if top:
         plot_confusion_grid([(f"#{e['rank']} {e['backbone']}@{e['image_size']}", np.asarray(e["test"]["confusion"]))
                              for e in top], ranked[0]["classes"], out / "confusion" / "top.png")

@@ -34,15 +34,19 @@ def _draw(ax, cm: np.ndarray, classes: Sequence[str], title: str) -> None:
     ax.set_ylabel("true", fontsize=8)
 
 
+def _save(fig, path: Path, dpi: int) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], title: str, path: Path) -> Path:
     size = max(4.0, 0.35 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     _draw(ax, cm, classes, title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 120)
 
 
 def plot_confusion_grid(items: Sequence[tuple[str, np.ndarray]], classes: Sequence[str], path: Path) -> Path:
@@ -52,8 +56,4 @@ def plot_confusion_grid(items: Sequence[tuple[str, np.ndarray]], classes: Sequen
     fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.4), squeeze=False)
     for ax, (title, cm) in zip(axes[0], items):
         _draw(ax, cm, classes, title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)

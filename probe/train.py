@@ -211,8 +211,8 @@ def train_grid(
         yv = torch.as_tensor(y_val, dtype=torch.long, device=device)
         cw = class_weights(np.asarray(y_train), num_classes).to(device)
         n = len(xs_train)
-        # Small datasets get smaller batches: at least ~32 optimiser steps per epoch.
-        bs = min(options.batch_size, max(32, n // 32), n)
+        # Small datasets get smaller batches: at least ~16 optimiser steps per epoch.
+        bs = min(options.batch_size, max(32, n // 16), n)
         steps = math.ceil(n / bs)
         lr0 = torch.tensor([c.lr for c in configs], device=device)
         wd = torch.tensor([c.weight_decay for c in configs], device=device)

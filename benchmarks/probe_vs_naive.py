@@ -1,0 +1,157 @@
+"""Cache-then-grid against the naive way, side by side in one run (issue #3).
+
+  (a) naive: train ONE linear head for E epochs with the frozen backbone running forward on every
+      batch of every epoch (training and validation images decoded each time);
+  (b) this way: one extraction into the cache + the WHOLE default grid (48 heads) on the cache.
+
+Prints both times, the speed-up, and the grid's time as a fraction of the extraction's (goal <= 5%).
+Then: the linear heads of the default grid on 10,000 x 2,048 float16 features (goal <= 10 s on
+2 CPU cores; synthetic features with class structure), and the best head's validation accuracy
+against scikit-learn's logistic-regression baseline (goal: >= baseline - 1 point).
+
+    python benchmarks/probe_vs_naive.py [--backbone resnet50.a1_in1k] [--image-size 224] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm.data
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache import open_cache  # noqa: E402
+from extract.backbones import BackboneSpec  # noqa: E402
+from extract.dataset import load_dataset  # noqa: E402
+from extract.device import pick_device  # noqa: E402
+from extract.extractor import ImageRows, RowPlan, extract_one  # noqa: E402
+from extract.models import Weights, create_backbone, preprocessing  # noqa: E402
+from extract.pipeline import default_workers  # noqa: E402
+from probe.baseline import logreg_baseline  # noqa: E402
+from probe.grid import load_grid  # noqa: E402
+from probe.metrics import fast_metric  # noqa: E402
+from probe.train import train_grid  # noqa: E402
+
+
+def naive(model, dataset, data_cfg, *, epochs: int, batch_size: int, workers: int, lr: float, device) -> tuple[float, float]:
+    """One linear head trained through the frozen backbone; returns (seconds, best val accuracy)."""
+    plan = RowPlan.build(dataset, 0)
+    tf = timm.data.create_transform(**data_cfg, is_training=False)
+    rows = ImageRows(plan, 0, tf, None, 0)
+    train_idx = [i for i, s in enumerate(plan.splits) if s == "train"]
+    val_idx = [i for i, s in enumerate(plan.splits) if s == "val"]
+    labels = torch.as_tensor(plan.labels)
+    n_classes = len(dataset.classes)
+    head: torch.nn.Module | None = None
+    opt = None
+    best = 0.0
+    t0 = time.perf_counter()
+    steps = epochs * math.ceil(len(train_idx) / batch_size)
+    step = 0
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(epoch)
+        order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=g)]
+        loader = DataLoader(torch.utils.data.Subset(rows, order), batch_size=batch_size, num_workers=workers)
+        lab = labels[order]
+        for b, x in enumerate(loader):
+            with torch.inference_mode():
+                feats = model(x.to(device)).float()
+            if opt is None:  # lazily, once the feature width is known
+                head = torch.nn.Linear(feats.shape[1], n_classes).to(device)
+                opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss = F.cross_entropy(head(feats.clone()), lab[b * batch_size:(b + 1) * batch_size].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+        preds = []
+        for x in DataLoader(torch.utils.data.Subset(rows, val_idx), batch_size=batch_size, num_workers=workers):
+            with torch.inference_mode():
+                preds.append(head(model(x.to(device)).float()).argmax(1).cpu())
+        best = max(best, float((torch.cat(preds) == labels[val_idx]).float().mean()))
+    return time.perf_counter() - t0, best
+
+
+def linear_heads_10k(seed: int = 0) -> tuple[float, int, int]:
+    rng = np.random.default_rng(seed)
+    n, d, c = 10_000, 2048, 10
+    centers = rng.normal(size=(c, d)).astype(np.float32) * 0.04
+    y = rng.integers(0, c, n)
+    x = (centers[y] + rng.normal(size=(n, d)).astype(np.float32)).astype(np.float16)
+    grid = load_grid()
+    linear = [h for h in grid.heads if h.type == "linear"]
+    t0 = time.perf_counter()
+    res = train_grid(linear, x_train=x[:7000], y_train=y[:7000], x_val=x[7000:8500], y_val=y[7000:8500], num_classes=c,
+                     options=grid.train)
+    return time.perf_counter() - t0, len(linear), max(len(r.history) for r in res)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="resnet50.a1_in1k")
+    p.add_argument("--image-size", type=int, default=None, help="default: the backbone's own")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the naive single head")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    workers = default_workers()
+    spec = BackboneSpec(model=args.backbone)
+    weights = Weights("random", None, "random")  # no network here; timing does not depend on the weights
+    data_cfg, size_kwargs = preprocessing(spec, args.image_size)
+    model, _ = create_backbone(spec, weights, **size_kwargs)
+    model.to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        dataset = load_dataset("demo", workdir=work)
+        size = data_cfg["input_size"][-1]
+        print(f"{args.backbone} @ {size}px (random weights), demo digits: {len(dataset.samples)} images, "
+              f"{torch.get_num_threads()} torch threads, {workers} decoding worker(s), device {device}\n")
+
+        naive_s, naive_acc = naive(model, dataset, data_cfg, epochs=args.epochs, batch_size=args.batch_size,
+                                   workers=workers, lr=1e-3, device=device)
+        t0 = time.perf_counter()
+        result = extract_one(spec=spec, model_factory=lambda: (model, []), weights=weights, data_cfg=data_cfg,
+                             size_kwargs=size_kwargs, dataset=dataset, workdir=work, device=device,
+                             batch_size=args.batch_size, workers=workers, progress=False)
+        extract_s = time.perf_counter() - t0
+        grid = load_grid()
+        with open_cache(result.path) as fc:
+            tr, va = fc.load("train"), fc.load("val")
+        t0 = time.perf_counter()
+        trained = train_grid(grid.heads, x_train=tr.features, y_train=tr.labels, x_val=va.features, y_val=va.labels,
+                             num_classes=len(dataset.classes), options=grid.train, device=device)
+        grid_s = time.perf_counter() - t0
+        best = max(trained, key=lambda t: t.val_metric)
+        best_acc = fast_metric("accuracy", va.labels, best.val_proba)
+        lr = logreg_baseline(tr.features, tr.labels, va.features, va.labels, metric="accuracy")
+
+    print(f"(a) naive, 1 head x {args.epochs} epochs through the backbone : {naive_s:8.1f} s  "
+          f"({naive_s / args.epochs:.1f} s/epoch; val acc after {args.epochs} epoch(s) {naive_acc:.3f})")
+    print(f"(b) extraction once                                  : {extract_s:8.1f} s")
+    print(f"    + whole default grid ({len(grid.heads)} heads) on the cache      : {grid_s:8.1f} s")
+    print(f"    = total                                          : {extract_s + grid_s:8.1f} s")
+    print(f"speed-up (a)/(b) = {naive_s / (extract_s + grid_s):.2f}x for {args.epochs} naive epochs of ONE head; "
+          f"the grid trains {len(grid.heads)} heads")
+    print(f"grid / extraction = {grid_s / extract_s:.1%}   (goal <= 5%)")
+    print(f"best grid head val acc {best_acc:.4f} ({best.config.name}) vs logreg {lr.val_metric:.4f} (C={lr.C:g}): "
+          f"difference {100 * (best_acc - lr.val_metric):+.1f} points   (goal >= -1.0)")
+    lin_s, n_lin, epochs_run = linear_heads_10k()
+    print(f"linear heads of the default grid ({n_lin}) on 10,000 x 2,048 float16 features: {lin_s:.1f} s "
+          f"({epochs_run} epochs at most)   (goal <= 10 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
