@@ -3,9 +3,8 @@
 Heads of one family (linear, or MLP with the same hidden sizes) are stacked: their
 weights live in one tensor with a head axis, so one matrix multiply per mini-batch
 serves them all. Per-head losses are summed; heads share no parameters, so each
-head's gradient is exactly that of its own loss. The AdamW update is applied with a
-per-head learning rate and weight decay (vectors along the head axis) — the same
-arithmetic as ``torch.optim.AdamW``, which the tests check — and each head follows
+head's gradient is exactly that of its own loss. Each head's slice is updated by
+torch's own (fused) AdamW with that head's learning rate and weight decay, following
 its own warm-up + cosine schedule over its own number of epochs.
 
 Initialisation, dropout masks and batch order are seeded per head (and per epoch),
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.adamw import adamw
 from tqdm.auto import tqdm
 
 from probe.grid import HeadConfig, TrainOptions
@@ -70,10 +70,11 @@ def lr_factors(step: int, epochs: torch.Tensor, warmup_epochs: int, steps_per_ep
 
 
 class _Family:
-    """Heads of one architecture stacked along a head axis, with their AdamW state.
+    """Heads of one architecture stacked along a leading head axis, with their AdamW state.
 
-    The first layer is stored (D, heads, out), so that all heads' first layers are one
-    (D, heads*out) matrix without a copy; later layers are stored (heads, in, out).
+    Layer l of head h is ``weights[l][h]`` (in, out) and ``biases[l][h]`` (out,). Head-major
+    storage keeps each head's slice contiguous, so torch's fused AdamW kernel updates it in place
+    with that head's own learning rate and weight decay.
     """
 
     def __init__(self, heads: dict[int, nn.Module], configs: list[HeadConfig], members: list[int], seed: int,
@@ -81,24 +82,24 @@ class _Family:
         self.members = list(members)  # indices into the grid
         self.index = torch.tensor(self.members, device=device)
         linears = [[m for m in heads[i].modules() if isinstance(m, nn.Linear)] for i in members]
-        self.weights = [torch.stack([ls[layer].weight.detach().T for ls in linears], dim=1 if layer == 0 else 0)
-                        .contiguous().to(device).requires_grad_() for layer in range(len(linears[0]))]
+        self.weights = [torch.stack([ls[layer].weight.detach().T for ls in linears]).contiguous().to(device).requires_grad_()
+                        for layer in range(len(linears[0]))]
         self.biases = [torch.stack([ls[layer].bias.detach() for ls in linears]).to(device).requires_grad_()
                        for layer in range(len(linears[0]))]
         self.dropout = torch.tensor([configs[i].dropout for i in members], device=device)
         self.generators = [torch.Generator().manual_seed(configs[i].seed_for(seed) + 1) for i in members]
-        self.state = {id(p): (torch.zeros_like(p), torch.zeros_like(p)) for p in self.params()}
-
-    def _head_axis(self, p: torch.Tensor) -> int:
-        return 1 if p is self.weights[0] else 0
+        # Per parameter: exp_avg, exp_avg_sq (stacked like the parameter) and one step counter per head.
+        self.state = {id(p): (torch.zeros_like(p), torch.zeros_like(p), [torch.tensor(0.0) for _ in members])
+                      for p in self.params()}
+        self.fused = device.type in ("cpu", "cuda", "mps")
 
     def params(self) -> list[torch.Tensor]:
         return [*self.weights, *self.biases]
 
     def logits(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """(B, heads, C) for standardised features ``x`` (B, D)."""
-        w0 = self.weights[0]  # (D, H, out)
-        out = (x @ w0.view(w0.shape[0], -1)).view(len(x), w0.shape[1], -1) + self.biases[0]
+        w0 = self.weights[0]  # (H, D, out): one matrix multiply serves every head's first layer
+        out = (x @ w0.permute(1, 0, 2).reshape(w0.shape[1], -1)).view(len(x), w0.shape[0], -1) + self.biases[0]
         for w, b in zip(self.weights[1:], self.biases[1:]):
             out = F.gelu(out)
             if train and bool((self.dropout > 0).any()):
@@ -108,37 +109,28 @@ class _Family:
             out = torch.einsum("bhi,hio->bho", out, w) + b
         return out
 
-    def adamw_step(self, step: int, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
-        """AdamW (as torch.optim.AdamW) with per-head ``lr`` and ``weight_decay`` (vectors of length heads)."""
-        b1, b2 = BETAS
-        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-        with torch.no_grad():
-            for p in self.params():
-                if p.grad is None:
-                    continue
-                shape = [1] * p.ndim
-                shape[self._head_axis(p)] = -1
-                lr_p = lr.view(shape)
-                if any(p is w for w in self.weights):  # no decay on biases
-                    p.mul_(1 - lr_p * weight_decay.view(shape))
-                m, v = self.state[id(p)]
-                m.lerp_(p.grad, 1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (v.sqrt() / math.sqrt(bc2)).add_(EPS)
-                p.sub_(lr_p / bc1 * m / denom)
-                p.grad = None
+    def adamw_step(self, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
+        """One ``torch.optim.AdamW`` step per head with its own ``lr`` and ``weight_decay`` (no decay on biases)."""
+        lr_list, wd_list = lr.tolist(), weight_decay.tolist()
+        for params, decay in ((self.weights, True), (self.biases, False)):
+            for h in range(len(self.members)):
+                states = [self.state[id(p)] for p in params]
+                adamw([p.data[h] for p in params], [p.grad[h] for p in params], [s[0][h] for s in states],
+                      [s[1][h] for s in states], [], [s[2][h] for s in states], fused=self.fused, foreach=False,
+                      amsgrad=False, beta1=BETAS[0], beta2=BETAS[1], lr=lr_list[h],
+                      weight_decay=wd_list[h] if decay else 0.0, eps=EPS, maximize=False)
+        for p in self.params():
+            p.grad = None
 
     def keep(self, positions: list[int]) -> None:
         """Drop every head not at ``positions`` (early-stopped ones) from the stack and its optimiser state."""
         idx = torch.tensor(positions, device=self.weights[0].device)
-
         new_state = {}
         for group in (self.weights, self.biases):
             for j, p in enumerate(group):
-                axis = self._head_axis(p)
-                m, v = self.state[id(p)]
-                group[j] = p.detach().index_select(axis, idx).contiguous().requires_grad_()
-                new_state[id(group[j])] = (m.index_select(axis, idx), v.index_select(axis, idx))
+                m, v, steps = self.state[id(p)]
+                group[j] = p.detach().index_select(0, idx).requires_grad_()
+                new_state[id(group[j])] = (m.index_select(0, idx), v.index_select(0, idx), [steps[i] for i in positions])
         self.state = new_state
         self.members = [self.members[i] for i in positions]
         self.index = self.index[idx]
@@ -147,11 +139,8 @@ class _Family:
 
     def export(self, position: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight, bias) per layer of one head, in nn.Linear's (out, in) layout."""
-        layers = []
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            w_h = w[:, position] if layer == 0 else w[position]
-            layers.append((w_h.detach().T.cpu().clone(), b[position].detach().cpu().clone()))
-        return layers
+        return [(w[position].detach().T.cpu().clone(), b[position].detach().cpu().clone())
+                for w, b in zip(self.weights, self.biases)]
 
 
 def _load_layers(head: nn.Module, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -244,7 +233,7 @@ def train_grid(
                     per_head = (w * nll).sum(0) / w.sum(0)
                     per_head.sum().backward()
                     lr = lr0[m] * lr_factors(step - 1, epochs_of[m.cpu()], options.warmup_epochs, steps).to(device)
-                    fam.adamw_step(step, lr, wd[m])
+                    fam.adamw_step(lr, wd[m])
                     loss_sum[id(fam)] += per_head.detach() * len(idx)
                     lr_at[id(fam)] = lr
             still_by_family = []

@@ -139,7 +139,7 @@ def test_ties() -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def test_stacked_adamw_equals_torch_adamw() -> None:
+def test_stacked_heads_step_like_torch_adamw() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
     cfg = HeadConfig(type="linear", lr=0.05, weight_decay=0.3)
@@ -155,7 +155,7 @@ def test_stacked_adamw_equals_torch_adamw() -> None:
         torch.nn.functional.cross_entropy(ref(x), y).backward()
         opt.step()
         torch.nn.functional.cross_entropy(fam.logits(x, train=False)[:, 0], y).backward()
-        fam.adamw_step(step, torch.tensor([0.05]), torch.tensor([0.3]))
+        fam.adamw_step(torch.tensor([0.05]), torch.tensor([0.3]))
     w, b = fam.export(0)[0]
     torch.testing.assert_close(w, ref.fc.weight.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b, ref.fc.bias.detach(), rtol=1e-5, atol=1e-6)
