@@ -24,7 +24,9 @@ test: setup
 demo: setup
 	$(PY) -m extract --config configs/demo.yaml $(DEMO_WEIGHTS)
 	$(PY) -m probe --config configs/demo.yaml
-	@echo "Demo outputs are in runs/demo/: features/, probe/leaderboard.md, probe/results.csv, probe/confusion/"
+	$(PY) -m profiling --config configs/demo.yaml
+	$(PY) -m probe --config configs/demo.yaml --report-only
+	@echo "Demo outputs in runs/demo/: probe/leaderboard.md, probe/results.csv, probe/confusion/, profiling/performance.csv, profiling/pareto.png"
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/extract_overhead.py

@@ -11,7 +11,7 @@ from cache import CacheError
 from extract.config import ConfigError, add_common_flags, document_defaults, settings_from_args, verbosity
 from extract.console import setup_logging
 from probe.metrics import METRICS
-from probe.pipeline import run_probe
+from probe.pipeline import refresh_leaderboard, run_probe
 from probe.settings import ProbeSettings
 
 log = logging.getLogger("probe")
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where the heads train")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples of the test set for the confidence intervals")
     p.add_argument("--top-k", type=int, help="k of top-k accuracy (default: 3 when there are more than 3 classes)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: re-render leaderboard.md from results.json (e.g. after `profiling` ran)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_common_flags(p, "probe")
     document_defaults(p, ProbeSettings())
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbosity(args))
     try:
         s = settings_from_args(args, ProbeSettings, "probe")
+        if s.report_only:
+            result = refresh_leaderboard(s.workdir)
+            print(result.leaderboard)
+            return 0
         result = run_probe(workdir=s.workdir, backbones=s.backbones or None, grid=s.grid, grid_file=s.grid_file,
                            metric=s.selection_metric, baseline=s.baseline, folds=s.folds, ordinal=s.ordinal,
                            seed=s.seed, device=s.device, n_boot=s.bootstrap, top_k=s.top_k, progress=s.progress)

@@ -207,6 +207,34 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def render_leaderboard(workdir: Path, ranked: list[dict[str, Any]], *, metric: str, n_boot: int, seed: int,
+                       n_heads: int, ordinal: bool) -> str:
+    """``leaderboard.md``: the ranked entries, with latency and FLOPs where ``profiling/`` has them."""
+    table = format_table(leaderboard_rows(ranked, metric, read_profiling(workdir)))
+    header = (f"# Probe leaderboard\n\nSorted by validation {metric} (the selection metric); test metrics with 95% "
+              f"bootstrap CIs ({n_boot} resamples of the test images). '≈ best': the test CI overlaps the top one's.\n"
+              f"Seed {seed}; {n_heads} head(s) per backbone{'; ordinal labels' if ordinal else ''}.\n")
+    if any(e["weights"] == "random" for e in ranked):
+        header += "\n**Some backbones use RANDOM weights (--no-pretrained): their numbers say nothing about pretrained quality.**\n"
+    leaderboard = header + "\n" + table + "\n"
+    atomic_write_text(Path(workdir) / "probe" / "leaderboard.md", leaderboard)
+    return leaderboard
+
+
+def refresh_leaderboard(workdir: Path) -> ProbeOutputs:
+    """Re-render the leaderboard from ``probe/results.json`` (e.g. after profiling), training nothing."""
+    path = Path(workdir) / "probe" / "results.json"
+    if not path.is_file():
+        raise CacheError(f"{path}: no probe results yet; run `python -m probe --workdir {workdir}` first")
+    data = json.loads(path.read_text())
+    ranked = data["leaderboard"]
+    for e in ranked:  # JSON turned the CI tuples into lists and NaN into null
+        e["test_ci"] = {k: tuple(float("nan") if v is None else v for v in ci) for k, ci in e["test_ci"].items()}
+    text = render_leaderboard(workdir, ranked, metric=data["metric"], n_boot=data["bootstrap"], seed=data["seed"],
+                              n_heads=data["n_heads"], ordinal=data["ordinal"])
+    return ProbeOutputs(entries=ranked, leaderboard=text, folder=Path(workdir) / "probe")
+
+
 def run_probe(*, workdir: Path, backbones: list[str] | None = None, grid: bool = False, grid_file: Path | None = None,
               metric: str = "macro_f1", baseline: str = "none", folds: int | None = None, ordinal: bool = False,
               seed: int = 0, device: str = "auto", n_boot: int = 1000, top_k: int | None = None,
@@ -228,15 +256,8 @@ def run_probe(*, workdir: Path, backbones: list[str] | None = None, grid: bool =
         entries.append(entry)
         rows += r
     ranked = mark_ties(entries, metric)
-    table = format_table(leaderboard_rows(ranked, metric, read_profiling(workdir)))
-    randoms = any(e["weights"] == "random" for e in ranked)
-    header = (f"# Probe leaderboard\n\nSorted by validation {metric} (the selection metric); test metrics with 95% "
-              f"bootstrap CIs ({n_boot} resamples of the test images). '≈ best': the test CI overlaps the top one's.\n"
-              f"Seed {seed}; {n_heads} head(s) per backbone{'; ordinal labels' if ordinal else ''}.\n")
-    if randoms:
-        header += "\n**Some backbones use RANDOM weights (--no-pretrained): their numbers say nothing about pretrained quality.**\n"
-    leaderboard = header + "\n" + table + "\n"
-    atomic_write_text(out / "leaderboard.md", leaderboard)
+    leaderboard = render_leaderboard(workdir, ranked, metric=metric, n_boot=n_boot, seed=seed, n_heads=n_heads,
+                                     ordinal=ordinal)
     _write_csv(out / "results.csv", rows)
     atomic_write_text(out / "results.json", json.dumps(_jsonable({
         "metric": metric, "seed": seed, "grid": grid, "n_heads": n_heads, "ordinal": ordinal, "folds": folds,

@@ -24,6 +24,7 @@ class ProbeSettings:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     bootstrap: int = 1000
     top_k: int | None = None
+    report_only: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -1,0 +1,89 @@
+"""ONNX export with a dynamic batch dimension, checked and reused while the model is unchanged.
+
+Known pitfalls handled here: the dynamo exporter (torch >= 2.9's default) is used
+with ``dynamic_shapes`` rather than the deprecated ``dynamic_axes``; the example
+batch has 2 images, since a batch of 1 can freeze the batch size; weights are
+stored inside the .onnx file (no external ``.onnx.data``) unless the model is too
+large for a single protobuf.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from extract.config import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 1_800_000_000  # bytes of parameters above which weights go to external data
+
+
+class ExportError(RuntimeError):
+    """A model could not be exported or its ONNX outputs disagree with PyTorch's."""
+
+
+@dataclass
+class Exported:
+    path: Path
+    reused: bool
+    seconds: float
+    size_bytes: int
+
+
+def _fingerprint(key: dict[str, Any]) -> str:
+    return json.dumps({**key, "torch": torch.__version__, "onnx": onnx.__version__}, sort_keys=True, default=str)
+
+
+def export_onnx(model: nn.Module, input_size: tuple[int, int, int], path: Path, *, key: dict[str, Any],
+                opset: int = 18) -> Exported:
+    """Export ``model`` (eval) for inputs (N, *input_size) with N dynamic; reuse ``path`` if ``key`` is unchanged."""
+    path = Path(path)
+    sidecar = path.with_suffix(".onnx.json")
+    fingerprint = _fingerprint(key)
+    if path.is_file() and sidecar.is_file() and sidecar.read_text() == fingerprint:
+        return Exported(path, True, 0.0, _size(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = torch.randn(2, *input_size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT
+    t0 = time.perf_counter()
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes={"x": {0: batch}},
+                                        input_names=["images"], output_names=["output"], opset_version=opset,
+                                        external_data=external, optimize=True, verbose=False)
+        program.save(str(tmp), external_data=external)
+        onnx.checker.check_model(str(tmp), full_check=False)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    tmp.replace(path)
+    if external:
+        data = tmp.with_name(tmp.name + ".data")
+        if data.exists():
+            data.replace(path.with_name(path.name + ".data"))
+    atomic_write_text(sidecar, fingerprint)
+    return Exported(path, False, time.perf_counter() - t0, _size(path))
+
+
+def _size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def max_relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """max |candidate - reference| / max |reference|: scale-free, so tiny random-weight logits compare fairly."""
+    scale = float(np.abs(reference).max())
+    return float(np.abs(candidate - reference).max() / scale) if scale > 0 else float(np.abs(candidate).max())

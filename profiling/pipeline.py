@@ -1,0 +1,239 @@
+"""`profiling` as a library call: export, check, count and time each backbone; write ``profiling/``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import timm
+import timm.data
+import torch
+from tqdm.auto import tqdm
+
+from cache import list_caches, open_cache
+from cache.schema import safe_name
+from extract.backbones import BackboneSpec, load_sets, resolve_backbones
+from extract.config import atomic_write_text
+from extract.console import format_table
+from extract.dataset import load_dataset
+from extract.device import pick_device
+from extract.images import load_rgb
+from extract.models import Weights, choose_weights, create_backbone, preprocessing
+from profiling.export import ExportError, export_onnx, max_relative_error
+from profiling.flops import count_flops, count_parameters
+from profiling.latency import choose_providers, make_session, measure_eager, measure_onnxruntime, peak_matmul_gflops
+from profiling.pareto import plot_pareto
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    spec: BackboneSpec
+    weights: Weights
+    data_cfg: dict[str, Any]
+    size_kwargs: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.data_cfg["input_size"][-1])
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.name}@{self.image_size}"
+
+
+def targets_from_caches(workdir: Path) -> list[Target]:
+    """What `extract` cached in ``workdir``: the same model, weights and preprocessing."""
+    out = []
+    for entry in list_caches(workdir):
+        if not entry.complete:
+            continue
+        with open_cache(entry.path) as fc:
+            kwargs = dict(fc.key.get("model_kwargs") or {})
+            size_kwargs = {"img_size": kwargs.pop("img_size")} if "img_size" in kwargs else {}
+            tag = fc.weights
+            if tag == "random":
+                weights = Weights("random", None, tag)
+            elif tag.startswith("file:"):
+                weights = Weights("file", fc.meta.get("weights_location"), tag)
+            else:
+                weights = Weights("hub", fc.model, tag)
+            out.append(Target(BackboneSpec(model=fc.model, name=fc.backbone, kwargs=kwargs), weights, fc.data_config,
+                              size_kwargs))
+    return out
+
+
+def targets_from_names(backbones: list[str], *, backbones_file: Path | None, pretrained: bool, weights_dir: Path | None,
+                       image_sizes: list[int] | None) -> list[Target]:
+    out = []
+    for spec in resolve_backbones(backbones, sets=load_sets(backbones_file)):
+        weights = choose_weights(spec, pretrained=pretrained, weights_dir=weights_dir)
+        for size in image_sizes or [None]:
+            data_cfg, size_kwargs = preprocessing(spec, size)
+            out.append(Target(spec, weights, data_cfg, size_kwargs))
+    return out
+
+
+def check_images(workdir: Path, data: str | None, n: int = 8) -> list[Path]:
+    """Real images for the numeric check: the workdir's dataset, ``--data``, or the demo digits."""
+    record = workdir / "dataset.json"
+    if data is None and record.is_file():
+        info = json.loads(record.read_text())
+        root = Path(info["root"])
+        # The first images of the recorded dataset, in its own (sorted) order.
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+        skipped = {s["id"] for s in info.get("skipped", [])}
+        paths = [p for p in paths if p.relative_to(root).as_posix() not in skipped]
+        if paths:
+            return paths[:: max(1, len(paths) // n)][:n]
+    dataset = load_dataset(data or "demo", workdir=workdir)
+    samples = dataset.samples[:: max(1, len(dataset.samples) // n)][:n]
+    return [s.path for s in samples]
+
+
+def profile_target(target: Target, *, out: Path, images: list[Path], batch_sizes: list[int], providers: list[str],
+                   threads: int | None, device: torch.device, timing: dict[str, Any], tolerance: float,
+                   peak_gflops: float) -> list[dict[str, Any]]:
+    """Every record for one backbone: one per batch size (ONNX Runtime and PyTorch eager side by side)."""
+    model, untrained = create_backbone(target.spec, target.weights, exportable=True, **target.size_kwargs)
+    input_size = tuple(target.data_cfg["input_size"])
+    flops = count_flops(model, input_size)
+    params = count_parameters(model)
+    onnx_path = out / f"{safe_name(target.spec.name)}@{target.image_size}.onnx"
+    key = {"model": target.spec.model, "kwargs": target.spec.kwargs, "size_kwargs": target.size_kwargs,
+           "weights": target.weights.tag, "input_size": input_size}
+    exported = export_onnx(model, input_size, onnx_path, key=key)
+
+    tf = timm.data.create_transform(**target.data_cfg, is_training=False)
+    x = torch.stack([tf(load_rgb(p)) for p in images])
+    with torch.no_grad():
+        reference = model(x).numpy()
+    session, session_info, created_s = make_session(onnx_path, providers, threads, cache_dir=out / "trt-cache")
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    rel = max_relative_error(reference, onnx_out)
+    if not rel <= tolerance:
+        raise ExportError(f"ONNX and PyTorch outputs differ: max relative error {rel:.2e} > tolerance {tolerance:.0e}")
+
+    model.to(device)
+    records = []
+    for bs in batch_sizes:
+        batch = torch.randn(bs, *input_size)
+        ort_stats = measure_onnxruntime(session, batch.numpy(), **timing)
+        eager = measure_eager(model, batch, device, **timing)
+        floor_ms = flops * bs / (peak_gflops * 1e9) * 1e3
+        records.append({
+            "backbone": target.spec.name, "model": target.spec.model, "image_size": target.image_size, "batch_size": bs,
+            "provider": session_info["providers"][0], "threads": session_info["intra_op_num_threads"],
+            **ort_stats.as_dict(), **eager.as_dict("torch_"),
+            "session_create_ms": created_s * 1e3, "gflops": flops / 1e9, "gmacs": flops / 2e9, "params": params,
+            "onnx_mb": exported.size_bytes / 1e6, "onnx_file": str(onnx_path), "onnx_reused": exported.reused,
+            "export_seconds": exported.seconds, "max_rel_error": rel, "weights": target.weights.tag,
+            "untrained_modules": len(untrained), "roofline_floor_ms": floor_ms,
+            "floor_fraction": floor_ms / ort_stats.p50_ms if ort_stats.p50_ms else None,
+            "below_floor": ort_stats.p50_ms < floor_ms, "session_options": session_info,
+        })
+        if ort_stats.noisy:
+            log.warning("%s batch %d: noisy measurement (CV %.0f%%)", target.name, bs, 100 * ort_stats.cv)
+        if ort_stats.p50_ms < floor_ms:
+            log.warning("%s batch %d: p50 %.3f ms is below the roofline floor %.3f ms — a counting or timing error",
+                        target.name, bs, ort_stats.p50_ms, floor_ms)
+    return records
+
+
+def machine_info(device: torch.device, peak_gflops: float) -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "peak_matmul_gflops": peak_gflops,
+            "versions": {"torch": torch.__version__, "timm": timm.__version__, "onnxruntime": ort.__version__,
+                         "onnx": __import__("onnx").__version__}}
+
+
+def read_probe_scores(workdir: Path) -> tuple[str | None, dict[tuple[str, int], float]]:
+    """Validation metric per (backbone, size) from ``probe/results.json`` (a file: stages share files, not code)."""
+    try:
+        data = json.loads((workdir / "probe" / "results.json").read_text())
+    except (OSError, ValueError):
+        return None, {}
+    metric = data.get("metric")
+    return metric, {(e["backbone"], int(e["image_size"])): e["val"][metric] for e in data.get("leaderboard", [])}
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
+
+
+def run_profiling(*, workdir: Path, backbones: list[str] | None = None, backbones_file: Path | None = None,
+                  pretrained: bool = True, weights_dir: Path | None = None, image_sizes: list[int] | None = None,
+                  data: str | None = None, batch_sizes: tuple[int, ...] = (1, 8, 32), provider: str = "auto",
+                  threads: int | None = None, device: str = "auto", warmup: int = 10, min_runs: int = 100,
+                  min_seconds: float = 3.0, tolerance: float = 1e-3, progress: bool = True) -> dict[str, Any]:
+    """Profile every target; a failing backbone is recorded and the others still run."""
+    workdir = Path(workdir)
+    out = workdir / "profiling"
+    out.mkdir(parents=True, exist_ok=True)
+    if backbones:
+        targets = targets_from_names(backbones, backbones_file=backbones_file, pretrained=pretrained,
+                                     weights_dir=weights_dir, image_sizes=image_sizes)
+    else:
+        targets = targets_from_caches(workdir)
+        if not targets:
+            raise RuntimeError(f"no complete feature caches in {workdir / 'features'}; run `python -m extract` first, "
+                               "or name backbones with --backbones")
+    dev = pick_device(device)
+    providers = choose_providers(provider)
+    images = check_images(workdir, data)
+    peak = peak_matmul_gflops(dev, providers=providers, threads=threads)
+    timing = {"warmup": warmup, "min_runs": min_runs, "min_seconds": min_seconds}
+    log.info("Profiling %d backbone(s) with %s, batch sizes %s; matmul peak %.0f GFLOPS", len(targets), providers[0],
+             list(batch_sizes), peak)
+    records, failures = [], []
+    for target in tqdm(targets, desc="profiling", unit="model", disable=not progress, dynamic_ncols=True):
+        t0 = time.perf_counter()
+        try:
+            records += profile_target(target, out=out, images=images, batch_sizes=list(batch_sizes), providers=providers,
+                                      threads=threads, device=dev, timing=timing, tolerance=tolerance, peak_gflops=peak)
+            log.info("%s profiled in %.1fs", target.name, time.perf_counter() - t0)
+        except Exception as exc:  # one backbone's failure must not stop the others
+            log.error("%s: %s: %s", target.name, type(exc).__name__, exc)
+            failures.append({"backbone": target.spec.name, "image_size": target.image_size,
+                             "error": f"{type(exc).__name__}: {exc}"})
+    report = {"machine": machine_info(dev, peak), "records": records, "failures": failures}
+    atomic_write_text(out / "performance.json", json.dumps(report, indent=2, default=str))
+    if records:
+        _write_csv(out / "performance.csv", records)
+    metric, scores = read_probe_scores(workdir)
+    b1 = [r for r in records if r["batch_size"] == min(batch_sizes)]
+    pareto_path = None
+    if b1:
+        have = [r for r in b1 if (r["backbone"], r["image_size"]) in scores]
+        if have:
+            label = f"validation {metric}"
+            values = [scores[(r["backbone"], r["image_size"])] for r in have]
+        else:
+            have, label, values = b1, "(run probe for accuracy: parameters, millions)", [r["params"] / 1e6 for r in b1]
+        pareto_path = plot_pareto([f"{r['backbone']}@{r['image_size']}" for r in have], values,
+                                  [r["p50_ms"] for r in have], [r["gflops"] for r in have], metric_label=label,
+                                  latency_label=f"ONNX Runtime p50 latency, ms ({have[0]['provider']}, batch {min(batch_sizes)})",
+                                  path=out / "pareto.png")
+    table = format_table([{
+        "backbone": r["backbone"], "size": r["image_size"], "batch": r["batch_size"], "p50 ms": r["p50_ms"],
+        "p95 ms": r["p95_ms"], "p99 ms": r["p99_ms"], "cv": r["cv"], "img/s": r["throughput"],
+        "torch p50 ms": r["torch_p50_ms"], "GFLOPs": r["gflops"], "params M": r["params"] / 1e6, "ONNX MB": r["onnx_mb"],
+        "max rel err": f"{r['max_rel_error']:.1e}", "noisy": "yes" if r["noisy"] else "",
+    } for r in records])
+    return {"records": records, "failures": failures, "table": table, "pareto": pareto_path, "folder": out}

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from extract.backbones import BackboneSpec
+from extract.models import Weights, create_backbone, preprocessing
+from profiling.cli import main as profiling_main
+from profiling.export import export_onnx, max_relative_error
+from profiling.flops import count_flops
+from profiling.latency import summarise
+from profiling.pareto import pareto_front
+from profiling.pipeline import run_profiling
+
+RANDOM = Weights("random", None, "random")
+FAST = dict(warmup=2, min_runs=5, min_seconds=0.0, progress=False)
+
+
+@pytest.mark.parametrize("name", ["test_resnet.r160_in1k", "test_vit.r160_in1k", "test_efficientnet.r160_in1k"])
+def test_onnx_matches_pytorch_at_several_batch_sizes(name: str, tmp_path: Path) -> None:
+    spec = BackboneSpec(model=name)
+    cfg, size_kwargs = preprocessing(spec, 64)
+    model, _ = create_backbone(spec, RANDOM, exportable=True, **size_kwargs)
+    exported = export_onnx(model, (3, 64, 64), tmp_path / "m.onnx", key={"m": name})
+    onnx.checker.check_model(str(exported.path))
+    assert not (tmp_path / "m.onnx.data").exists()  # weights inside the file
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3, 5):  # the example had 2: the batch dimension is dynamic
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == ref.shape
+        assert max_relative_error(ref, got) < 1e-4
+    again = export_onnx(model, (3, 64, 64), tmp_path / "m.onnx", key={"m": name})
+    assert again.reused
+    assert not export_onnx(model, (3, 64, 64), tmp_path / "m.onnx", key={"m": name, "changed": 1}).reused
+
+
+def test_attention_flops_counted() -> None:
+    """A small attention layer: the counter agrees with a hand count, attention matmuls included."""
+
+    class Attention(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, 1, c).permute(2, 0, 3, 1, 4)
+            return self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+    class Wrap(nn.Module):  # count_flops feeds images; reshape one into 16 tokens of 12 dims
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = Attention(12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x.reshape(1, 16, 12))
+
+    n, d = 16, 12
+    linear = 2 * n * d * 3 * d + 2 * n * d * d
+    attention = 2 * n * n * d + 2 * n * n * d  # QK^T and AV
+    assert count_flops(Wrap(), (3, 8, 8)) == linear + attention
+
+
+def test_vit_flops_include_attention() -> None:
+    spec = BackboneSpec(model="test_vit.r160_in1k")
+    model, _ = create_backbone(spec, RANDOM)
+    flops = count_flops(model, (3, 160, 160))
+    tokens = (160 // 16) ** 2 + model.num_prefix_tokens
+    dim, depth = model.embed_dim, len(model.blocks)
+    attention = depth * 2 * (2 * tokens * tokens * dim)
+    linear_only = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)) * tokens
+    assert flops >= linear_only + attention * 0.99
+
+
+def test_percentiles_and_stats() -> None:
+    times = np.arange(1, 101) / 1000.0  # 1..100 ms
+    s = summarise(times, batch_size=4, first_s=0.5)
+    assert s.p50_ms == pytest.approx(np.percentile(np.arange(1, 101), 50))
+    assert s.p90_ms == pytest.approx(90.1) and s.p99_ms == pytest.approx(99.01)
+    assert s.mean_ms == pytest.approx(50.5) and s.std_ms == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    assert s.throughput == pytest.approx(4 / 0.0505) and s.first_ms == 500 and s.runs == 100
+    assert s.noisy and summarise(np.full(50, 0.01), 1, 0.01).cv == 0.0
+
+
+def test_pareto_front() -> None:
+    pts = [(10, 0.9), (5, 0.8), (20, 0.85), (1, 0.5), (5, 0.7)]
+    assert pareto_front(pts) == [3, 1, 0]
+
+
+def test_profiling_end_to_end_with_a_failure(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import profiling.pipeline as pipeline
+
+    original = pipeline.export_onnx
+
+    def failing_for_vit(model, input_size, path, *, key):
+        if "test_vit" in str(path):
+            raise pipeline.ExportError("simulated export failure")
+        return original(model, input_size, path, key=key)
+
+    monkeypatch.setattr(pipeline, "export_onnx", failing_for_vit)
+    result = run_profiling(workdir=tmp_path, backbones=["test_resnet.r160_in1k", "test_vit.r160_in1k"], pretrained=False,
+                           image_sizes=[64], batch_sizes=(1, 2), provider="cpu", **FAST)
+    assert [f["backbone"] for f in result["failures"]] == ["test_vit.r160_in1k"]
+    records = result["records"]
+    assert [(r["backbone"], r["batch_size"]) for r in records] == [("test_resnet.r160_in1k", 1), ("test_resnet.r160_in1k", 2)]
+    r = records[0]
+    assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
+    assert r["gflops"] > 0 and r["gmacs"] == pytest.approx(r["gflops"] / 2) and r["max_rel_error"] < 1e-3
+    assert r["provider"] == "CPUExecutionProvider" and r["torch_p50_ms"] > 0 and r["onnx_mb"] > 0
+    assert not r["below_floor"]
+    report = json.loads((tmp_path / "profiling" / "performance.json").read_text())
+    assert report["failures"][0]["error"].startswith("ExportError") and report["machine"]["peak_matmul_gflops"] > 0
+    assert (tmp_path / "profiling" / "performance.csv").is_file() and (tmp_path / "profiling" / "pareto.png").is_file()
+    assert "simulated export failure" in caplog.text
+
+
+def test_cli_from_cached_workdir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from extract.pipeline import extract_features
+
+    work = tmp_path / "w"
+    extract_features(data="demo", backbones=["test_resnet.r160_in1k"], workdir=work, pretrained=False,
+                     image_sizes=[48], workers=0, device="cpu", progress=False)
+    argv = ["--workdir", str(work), "--batch-sizes", "1", "--min-runs", "3", "--min-seconds", "0", "--warmup", "1",
+            "--provider", "cpu", "--no-progress"]
+    assert profiling_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "test_resnet.r160_in1k" in out and "p50 ms" in out
+    assert (work / "profiling" / "test_resnet.r160_in1k@48.onnx").is_file()
+
+
+@pytest.mark.parametrize("name, published_gmacs", [("resnet50", 4.1), ("vit_base_patch16_224", 17.6)])
+def test_flops_agree_with_published_figures(name: str, published_gmacs: float) -> None:
+    """timm's tables give GMACs at 224 px; the counter gives FLOPs = 2 x MACs."""
+    import timm
+
+    model = timm.create_model(name, num_classes=0).eval()
+    assert count_flops(model, (3, 224, 224)) / 2e9 == pytest.approx(published_gmacs, rel=0.02)
