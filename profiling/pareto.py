@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,10 +36,13 @@ def plot_pareto(names: Sequence[str], scores: Sequence[float], latency_ms: Seque
             ax.annotate(name, (cost[i], scores[i]), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         fontweight="bold" if i in front else "normal")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.margins(x=0.25, y=0.12)  # room for the labels
         ax.set_xlabel(label)
         ax.set_ylabel(metric_label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     axes[0].set_title("accuracy against latency (batch 1)", fontsize=10)
     axes[1].set_title("accuracy against compute", fontsize=10)
     fig.tight_layout()
