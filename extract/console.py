@@ -32,7 +32,7 @@ def setup_logging(verbosity: int = 0) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     # Third-party chatter that says nothing a user can act on.
-    for noisy in ("timm", "h5py", "matplotlib", "PIL"):
+    for noisy in ("timm", "h5py", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

@@ -168,6 +168,7 @@ def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline
                                       "image_size", "data_config", "classes")},
         "metric": metric, "val_metric": chosen.val_metric, "seed": seed,
     }), head_path)
+    head_onnx = export_head_onnx(chosen.head, train.features.shape[1], head_path.with_suffix(".onnx"))
     history_path = out / "history" / f"{name}.csv"
     _write_csv(history_path, chosen.history)
     plot_confusion(np.asarray(test_metrics["confusion"]), classes,
@@ -176,11 +177,29 @@ def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline
     entry = {**info, "head": chosen.config.name, "head_config": chosen.config.to_dict(), "val": val_best,
              "test": test_metrics, "test_ci": ci, "logreg": logreg, "n_heads": len(configs),
              "grid_seconds": grid_seconds, "seconds": time.perf_counter() - t0, "head_file": str(head_path),
+             "head_onnx": str(head_onnx) if head_onnx else None,
              "history_file": str(history_path),
              "cv": {"mean": float(cv["mean"][best]), "std": float(cv["std"][best]), "folds": folds} if cv else None}
     log.info("%s: best %s, val %s %.4f, test %.4f [%.3f, %.3f]; %d heads in %.2fs", name, chosen.config.name, metric,
              val_best[metric], test_metrics[metric], *ci[metric], len(configs), grid_seconds)
     return entry, rows
+
+
+def export_head_onnx(head: torch.nn.Module, dim: int, path: Path) -> Path | None:
+    """The chosen head as ONNX (features -> logits, dynamic batch), so `profiling` can append it to the
+    exported backbone: the stages share this file, not code. A head that does not export is logged."""
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(head.eval(), (torch.randn(2, dim),), dynamo=True, verbose=False,
+                                        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}},
+                                        input_names=["features"], output_names=["logits"], external_data=False)
+        program.save(str(path))
+        return path
+    except Exception as exc:  # the probe results stand without it
+        log.warning("%s: head not exported to ONNX (%s: %s); profiling will time the backbone alone",
+                    path.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        path.unlink(missing_ok=True)
+        return None
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

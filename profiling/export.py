@@ -45,7 +45,7 @@ def _fingerprint(key: dict[str, Any]) -> str:
 
 
 def export_onnx(model: nn.Module, input_size: tuple[int, int, int], path: Path, *, key: dict[str, Any],
-                opset: int = 18) -> Exported:
+                opset: int | None = None) -> Exported:
     """Export ``model`` (eval) for inputs (N, *input_size) with N dynamic; reuse ``path`` if ``key`` is unchanged."""
     path = Path(path)
     sidecar = path.with_suffix(".onnx.json")
@@ -87,3 +87,39 @@ def max_relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     """max |candidate - reference| / max |reference|: scale-free, so tiny random-weight logits compare fairly."""
     scale = float(np.abs(reference).max())
     return float(np.abs(candidate - reference).max() / scale) if scale > 0 else float(np.abs(candidate).max())
+
+
+def append_head(backbone_path: Path, head_path: Path, path: Path) -> Path:
+    """One ONNX graph: images -> backbone -> probe head -> logits (``onnx.compose``)."""
+    import onnx.compose
+
+    import onnx.version_converter
+
+    backbone = onnx.load(str(backbone_path))
+    head = onnx.load(str(head_path))
+    opset = {o.domain: o.version for o in backbone.opset_import}.get("", None)
+    head_opset = {o.domain: o.version for o in head.opset_import}.get("", None)
+    if opset is not None and head_opset != opset:
+        head = onnx.version_converter.convert_version(head, opset)
+    head.ir_version = backbone.ir_version
+    merged = onnx.compose.merge_models(backbone, head, io_map=[(backbone.graph.output[0].name, head.graph.input[0].name)],
+                                       prefix2="head/")
+    onnx.checker.check_model(merged)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(merged, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def matmul_flops(path: Path) -> int:
+    """FLOPs per input row of the MatMul/Gemm nodes whose weight is an initializer (a head's linear layers)."""
+    model = onnx.load(str(path))
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            for name in node.input[1:2]:
+                dims = shapes.get(name)
+                if dims and len(dims) == 2:
+                    total += 2 * dims[0] * dims[1]
+    return total

@@ -27,7 +27,7 @@ from extract.dataset import load_dataset
 from extract.device import pick_device
 from extract.images import load_rgb
 from extract.models import Weights, choose_weights, create_backbone, preprocessing
-from profiling.export import ExportError, export_onnx, max_relative_error
+from profiling.export import ExportError, append_head, export_onnx, matmul_flops, max_relative_error
 from profiling.flops import count_flops, count_parameters
 from profiling.latency import choose_providers, make_session, measure_eager, measure_onnxruntime, peak_matmul_gflops
 from profiling.pareto import plot_pareto
@@ -100,7 +100,8 @@ def check_images(workdir: Path, data: str | None, n: int = 8) -> list[Path]:
     return [s.path for s in samples]
 
 
-def profile_target(target: Target, *, out: Path, images: list[Path], batch_sizes: list[int], providers: list[str],
+def profile_target(target: Target, *, out: Path, head_dir: Path | None, images: list[Path], batch_sizes: list[int],
+                   providers: list[str],
                    threads: int | None, device: torch.device, timing: dict[str, Any], tolerance: float,
                    peak_gflops: float) -> list[dict[str, Any]]:
     """Every record for one backbone: one per batch size (ONNX Runtime and PyTorch eager side by side)."""
@@ -108,15 +109,27 @@ def profile_target(target: Target, *, out: Path, images: list[Path], batch_sizes
     input_size = tuple(target.data_cfg["input_size"])
     flops = count_flops(model, input_size)
     params = count_parameters(model)
-    onnx_path = out / f"{safe_name(target.spec.name)}@{target.image_size}.onnx"
+    stem = f"{safe_name(target.spec.name)}@{target.image_size}"
+    onnx_path = out / f"{stem}.onnx"
+    head_path = head_dir / f"{stem}.onnx" if head_dir is not None else None
+    with_head = head_path is not None and head_path.is_file()
     key = {"model": target.spec.model, "kwargs": target.spec.kwargs, "size_kwargs": target.size_kwargs,
            "weights": target.weights.tag, "input_size": input_size}
-    exported = export_onnx(model, input_size, onnx_path, key=key)
+    # The backbone's own graph; with a probe head, the deployable model is backbone + head in one graph.
+    backbone_path = out / "backbones" / f"{stem}.onnx" if with_head else onnx_path
+    exported = export_onnx(model, input_size, backbone_path, key=key)
 
     tf = timm.data.create_transform(**target.data_cfg, is_training=False)
     x = torch.stack([tf(load_rgb(p)) for p in images])
     with torch.no_grad():
         reference = model(x).numpy()
+    if with_head:
+        onnx_path.with_suffix(".onnx.json").unlink(missing_ok=True)  # it is no longer the backbone-only export
+        append_head(backbone_path, head_path, onnx_path)
+        head_session = ort.InferenceSession(str(head_path), providers=["CPUExecutionProvider"])
+        # The reference is PyTorch's backbone followed by the probe's own exported head.
+        reference = head_session.run(None, {head_session.get_inputs()[0].name: reference})[0]
+        flops += matmul_flops(head_path)
     session, session_info, created_s = make_session(onnx_path, providers, threads, cache_dir=out / "trt-cache")
     onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     rel = max_relative_error(reference, onnx_out)
@@ -128,14 +141,15 @@ def profile_target(target: Target, *, out: Path, images: list[Path], batch_sizes
     for bs in batch_sizes:
         batch = torch.randn(bs, *input_size)
         ort_stats = measure_onnxruntime(session, batch.numpy(), **timing)
-        eager = measure_eager(model, batch, device, **timing)
+        eager = measure_eager(model, batch, device, **timing)  # the backbone: the head is not a PyTorch module here
         floor_ms = flops * bs / (peak_gflops * 1e9) * 1e3
         records.append({
             "backbone": target.spec.name, "model": target.spec.model, "image_size": target.image_size, "batch_size": bs,
             "provider": session_info["providers"][0], "threads": session_info["intra_op_num_threads"],
             **ort_stats.as_dict(), **eager.as_dict("torch_"),
             "session_create_ms": created_s * 1e3, "gflops": flops / 1e9, "gmacs": flops / 2e9, "params": params,
-            "onnx_mb": exported.size_bytes / 1e6, "onnx_file": str(onnx_path), "onnx_reused": exported.reused,
+            "onnx_mb": onnx_path.stat().st_size / 1e6, "onnx_file": str(onnx_path), "onnx_reused": exported.reused,
+            "with_probe_head": with_head,
             "export_seconds": exported.seconds, "max_rel_error": rel, "weights": target.weights.tag,
             "untrained_modules": len(untrained), "roofline_floor_ms": floor_ms,
             "floor_fraction": floor_ms / ort_stats.p50_ms if ort_stats.p50_ms else None,
@@ -205,7 +219,8 @@ def run_profiling(*, workdir: Path, backbones: list[str] | None = None, backbone
     for target in tqdm(targets, desc="profiling", unit="model", disable=not progress, dynamic_ncols=True):
         t0 = time.perf_counter()
         try:
-            records += profile_target(target, out=out, images=images, batch_sizes=list(batch_sizes), providers=providers,
+            records += profile_target(target, out=out, head_dir=workdir / "probe" / "heads", images=images,
+                                      batch_sizes=list(batch_sizes), providers=providers,
                                       threads=threads, device=dev, timing=timing, tolerance=tolerance, peak_gflops=peak)
             log.info("%s profiled in %.1fs", target.name, time.perf_counter() - t0)
         except Exception as exc:  # one backbone's failure must not stop the others
@@ -231,7 +246,8 @@ def run_profiling(*, workdir: Path, backbones: list[str] | None = None, backbone
                                   latency_label=f"ONNX Runtime p50 latency, ms ({have[0]['provider']}, batch {min(batch_sizes)})",
                                   path=out / "pareto.png")
     table = format_table([{
-        "backbone": r["backbone"], "size": r["image_size"], "batch": r["batch_size"], "p50 ms": r["p50_ms"],
+        "backbone": r["backbone"], "size": r["image_size"], "+head": "yes" if r["with_probe_head"] else "",
+        "batch": r["batch_size"], "p50 ms": r["p50_ms"],
         "p95 ms": r["p95_ms"], "p99 ms": r["p99_ms"], "cv": r["cv"], "img/s": r["throughput"],
         "torch p50 ms": r["torch_p50_ms"], "GFLOPs": r["gflops"], "params M": r["params"] / 1e6, "ONNX MB": r["onnx_mb"],
         "max rel err": f"{r['max_rel_error']:.1e}", "noisy": "yes" if r["noisy"] else "",

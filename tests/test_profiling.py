@@ -125,18 +125,33 @@ def test_profiling_end_to_end_with_a_failure(tmp_path: Path, caplog: pytest.LogC
     assert "simulated export failure" in caplog.text
 
 
-def test_cli_from_cached_workdir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """extract -> probe -> profiling: the exported model is backbone + chosen head, images to class logits."""
     from extract.pipeline import extract_features
+    from probe.classifier import load_classifier
+    from probe.pipeline import run_probe
 
     work = tmp_path / "w"
     extract_features(data="demo", backbones=["test_resnet.r160_in1k"], workdir=work, pretrained=False,
                      image_sizes=[48], workers=0, device="cpu", progress=False)
-    argv = ["--workdir", str(work), "--batch-sizes", "1", "--min-runs", "3", "--min-seconds", "0", "--warmup", "1",
+    run_probe(workdir=work, n_boot=20, progress=False)
+    assert (work / "probe" / "heads" / "test_resnet.r160_in1k@48.onnx").is_file()
+    argv = ["--workdir", str(work), "--batch-sizes", "1", "3", "--min-runs", "3", "--min-seconds", "0", "--warmup", "1",
             "--provider", "cpu", "--no-progress"]
     assert profiling_main(argv) == 0
     out = capsys.readouterr().out
     assert "test_resnet.r160_in1k" in out and "p50 ms" in out
-    assert (work / "profiling" / "test_resnet.r160_in1k@48.onnx").is_file()
+    record = json.loads((work / "profiling" / "performance.json").read_text())["records"][0]
+    assert record["with_probe_head"] and record["max_rel_error"] < 1e-3
+    # Independent reference: the probe's PyTorch classifier (backbone + head) on the same input.
+    classifier, _ = load_classifier(work / "probe" / "heads" / "test_resnet.r160_in1k@48.pt")
+    session = ort.InferenceSession(str(work / "profiling" / "test_resnet.r160_in1k@48.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        expected = classifier(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == (3, 10)
+    assert max_relative_error(expected, got) < 1e-4
 
 
 @pytest.mark.parametrize("name, published_gmacs", [("resnet50", 4.1), ("vit_base_patch16_224", 17.6)])
