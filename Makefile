@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: setup
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 demo: setup

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ from extract.pipeline import extract_features
 from probe.baseline import logreg_baseline
 from probe.classifier import load_classifier, load_head
 from probe.cli import main as probe_main
-from probe.grid import HeadConfig, TrainOptions, load_grid
+from probe.grid import HeadConfig, load_grid
 from probe.leaderboard import mark_ties
 from probe.metrics import _from_confusion, bootstrap_ci, compute_metrics, confusion_batch
 from probe.pipeline import probe_cache, run_probe
@@ -150,7 +149,7 @@ def test_stacked_heads_step_like_torch_adamw() -> None:
     mine.load_state_dict(ref.state_dict())
     opt = torch.optim.AdamW([{"params": [ref.fc.weight], "weight_decay": 0.3}, {"params": [ref.fc.bias], "weight_decay": 0.0}], lr=0.05)
     fam = _Family({0: mine}, [cfg], [0], seed=0, device=torch.device("cpu"))
-    for step in range(1, 8):
+    for _step in range(1, 8):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(ref(x), y).backward()
         opt.step()
