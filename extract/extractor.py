@@ -294,9 +294,12 @@ def extract_one(
     except BaseException:
         bar.close()
         try:
-            sink.close()  # write what was computed, so a resume loses nothing
+            # Write what was computed, so a resume loses nothing, and release the partial file.
+            writer = sink.close()
+            if writer is not None:
+                writer.close()
         except BaseException:
-            pass
+            pass  # the original error is the one to report
         raise
     bar.close()
     writer = sink.close()

@@ -43,3 +43,44 @@ def test_vit_blocks_are_contiguous_buckets() -> None:
     assert {int(n.split(".")[1]) for n in last_block_params} >= {11}
     assert any(n.startswith("norm.") for n in blocks[0].params)  # final norm goes with the tail
     assert "patch_embed.proj.weight" in blocks[-1].params
+
+
+def test_unfreeze_schedule_learning_rates_and_frozen_batchnorm() -> None:
+    from finetune.unfreeze import ALL, ProgressiveUnfreezer, Stage
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet.r160_in1k", num_classes=0)
+    head = torch.nn.Linear(backbone.num_features, 3)
+    blocks = backbone_blocks(backbone, max_blocks=3)
+    schedule = [Stage(0, 0, 1.0), Stage(2, 1, 1.0), Stage(4, ALL, 0.1)]
+    u = ProgressiveUnfreezer(backbone, head, blocks, schedule, base_lr=1e-3, layer_decay=0.5, weight_decay=0.05)
+    all_params = {id(p): n for n, p in backbone.named_parameters()}
+    expected_blocks = {0: 0, 1: 0, 2: 1, 3: 1, 4: 3, 5: 3}
+    for epoch, n_blocks in expected_blocks.items():
+        u.apply(epoch)
+        stage_scale = 0.1 if epoch >= 4 else 1.0
+        in_optimizer = [id(p) for g in u.optimizer.param_groups for p in g["params"]]
+        assert len(in_optimizer) == len(set(in_optimizer))  # each parameter in one group
+        trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+        assert trainable == {n for b in blocks[:n_blocks] for n in b.params}
+        assert {all_params[i] for i in in_optimizer if i in all_params} == trainable  # joined exactly when unfrozen
+        for g in u.optimizer.param_groups:
+            assert g["lr"] == pytest.approx(1e-3 * stage_scale * 0.5 ** g["depth"]), (epoch, g["unit"])
+            if g["depth"]:
+                assert all(all_params[id(p)] in blocks[g["depth"] - 1].params for p in g["params"])
+        assert all(g["weight_decay"] == 0.0 for g in u.optimizer.param_groups if all(p.ndim == 1 for p in g["params"]))
+        # One training step: frozen blocks' BatchNorm statistics and weights must not move.
+        frozen_bn = [m for m, b in u._bn_block.items() if b >= u.unfrozen]
+        before = [m.running_mean.clone() for m in frozen_bn]
+        frozen_w = {n: p.detach().clone() for n, p in backbone.named_parameters() if not p.requires_grad}
+        u.train()
+        loss = torch.nn.functional.cross_entropy(head(backbone(torch.randn(4, 3, 64, 64))), torch.tensor([0, 1, 2, 0]))
+        u.optimizer.zero_grad()
+        loss.backward()
+        u.optimizer.step()
+        for m, b in zip(frozen_bn, before):
+            assert torch.equal(m.running_mean, b)
+        for n, p in backbone.named_parameters():
+            if n in frozen_w:
+                assert torch.equal(p, frozen_w[n])
+    assert u.unfrozen == len(blocks)
