@@ -1,0 +1,104 @@
+"""Grad-CAM explanations (pytorch-grad-cam) for any timm backbone, alone or under a probe head.
+
+Target layers are chosen per architecture, as checked in practice:
+
+- token models (ViT-style: ``num_prefix_tokens`` and ``patch_embed``): ``blocks[-1].norm1``,
+  with the prefix tokens dropped and the tokens folded back to ``patch_embed.grid_size``
+  (the last block itself, or the final norm, gives all-zero maps for class-token models);
+- everything else: the module named by ``feature_info[-1]['module']`` (the last stage),
+  converting channels-last outputs (Swin) to channels-first.
+
+``override`` names a module explicitly (a per-architecture override from the config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+
+def _backbone_of(model: nn.Module) -> nn.Module:
+    """The timm model inside a classifier wrapper (a probe classifier has ``.backbone``)."""
+    return getattr(model, "backbone", model)
+
+
+def target_layer(model: nn.Module, override: str | None = None) -> tuple[nn.Module, Callable | None]:
+    """(module, reshape_transform) for Grad-CAM on ``model`` (a timm backbone or a probe classifier)."""
+    backbone = _backbone_of(model)
+    if override:
+        module = backbone.get_submodule(override)
+        return module, _channels_first if _is_channels_last(backbone) else None
+    prefix = getattr(backbone, "num_prefix_tokens", None)
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if prefix is not None and patch_embed is not None and hasattr(backbone, "blocks"):
+        grid = tuple(patch_embed.grid_size)
+
+        def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
+            x = x[:, prefix:]
+            return x.reshape(x.shape[0], grid[0], grid[1], x.shape[2]).permute(0, 3, 1, 2)
+
+        return backbone.blocks[-1].norm1, tokens_to_map
+    info = getattr(backbone, "feature_info", None)
+    if not info:
+        raise ValueError(f"{type(backbone).__name__}: no feature_info to pick a Grad-CAM layer; give an override")
+    last = info[-1] if isinstance(info, (list, tuple)) else info.get_dicts()[-1]
+    module = backbone.get_submodule(last["module"])
+    return module, _channels_first if _is_channels_last(backbone) else None
+
+
+def _is_channels_last(backbone: nn.Module) -> bool:
+    return str(getattr(backbone, "output_fmt", "NCHW")).endswith("NHWC")
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2) if x.ndim == 4 else x
+
+
+def gradcam_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int] | None = None, *,
+                 override: str | None = None) -> np.ndarray:
+    """(B, H, W) maps in [0, 1] for the given (or predicted) class of each image."""
+    layer, reshape = target_layer(model, override)
+    images = images.detach().clone().requires_grad_(True)  # a frozen model still gets gradients
+    targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
+    if targets is not None and len(targets) != len(images):
+        raise ValueError("one target class per image, or none")  # the library would silently zero the rest
+    was_training = model.training
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        maps = cam(input_tensor=images, targets=targets)
+    model.train(was_training)
+    return maps
+
+
+def save_gradcam_grid(images_rgb: Sequence[np.ndarray], maps: np.ndarray, titles: Sequence[str], path: Path,
+                      per_row: int = 4) -> Path:
+    """Original, heatmap and overlay of each image, ``per_row`` images to a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    n = len(images_rgb)
+    rows = (n + per_row - 1) // per_row
+    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(3 * per_row * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, (img, cam_map, title) in enumerate(zip(images_rgb, maps, titles)):
+        r, c = divmod(i, per_row)
+        rgb = np.asarray(img, dtype=np.float32) / 255.0
+        overlay = show_cam_on_image(rgb, cam_map, use_rgb=True)
+        for j, (picture, label) in enumerate(((img, title), (cam_map, "Grad-CAM"), (overlay, "overlay"))):
+            ax = axes[r, 3 * c + j]
+            ax.imshow(picture, cmap="jet" if j == 1 else None, vmin=0 if j == 1 else None, vmax=1 if j == 1 else None)
+            ax.set_title(label, fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

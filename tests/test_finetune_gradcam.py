@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from finetune.gradcam import gradcam_maps, save_gradcam_grid, target_layer
+
+
+def fit_briefly(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = 25) -> None:
+    """A few Adam steps so the class evidence depends on the image, as in a trained model."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+    model.eval()
+
+
+def smooth_images(n: int, size: int) -> torch.Tensor:
+    """Images with structure (blobs), so that maps have something to point at."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    out = []
+    for i in range(n):
+        cx, cy = (i % 3 - 1) * 0.5, (i // 3 - 1) * 0.5
+        blob = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.1)
+        out.append(torch.stack([blob, 1 - blob, blob * 0.5]) * 2 - 1)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name, kwargs, size", [
+    ("test_resnet.r160_in1k", {}, 96),  # CNN
+    ("test_vit.r160_in1k", {"img_size": 96}, 96),  # class-token ViT: prefix dropped, grid folded
+    ("swin_tiny_patch4_window7_224", {}, 224),  # channels-last stages
+    ("test_convnext.r160_in1k", {}, 96),
+])
+def test_gradcam_maps_are_not_flat_and_have_image_shape(name: str, kwargs: dict, size: int) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3, **kwargs)
+    images, labels = smooth_images(3, size), torch.tensor([0, 1, 2])
+    fit_briefly(model, images, labels)
+    model.requires_grad_(False)  # frozen, as a probe backbone is: the input carries the gradient
+    maps = gradcam_maps(model, images, classes=labels.tolist())
+    assert maps.shape == (3, size, size)
+    assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    assert all(m.std() > 1e-3 for m in maps), [float(m.std()) for m in maps]
+
+
+def test_gradcam_on_a_probe_classifier(tmp_path: Path) -> None:
+    from probe.classifier import ProbeClassifier
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_vit.r160_in1k", num_classes=0, img_size=64)
+    head = torch.nn.Linear(backbone.num_features, 3)
+    model = ProbeClassifier(backbone, head)
+    images = smooth_images(3, 64)
+    fit_briefly(model, images, torch.tensor([0, 1, 2]))
+    layer, reshape = target_layer(model)
+    assert layer is backbone.blocks[-1].norm1 and reshape is not None
+    images = images[:2]
+    maps = gradcam_maps(model, images)  # predicted classes
+    assert maps.shape == (2, 64, 64) and all(m.std() > 1e-3 for m in maps)
+    with pytest.raises(ValueError, match="one target class per image"):
+        gradcam_maps(model, images, classes=[1])
+    rgb = [((img.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8) for img in images]
+    out = save_gradcam_grid(rgb, maps, ["a", "b"], tmp_path / "grid.png", per_row=2)
+    assert out.stat().st_size > 5000
