@@ -22,6 +22,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from extract.extractor import feature_map_nchw
+
 
 def _backbone_of(model: nn.Module) -> nn.Module:
     """The timm model inside a classifier wrapper (a probe classifier has ``.backbone``)."""
@@ -31,33 +33,21 @@ def _backbone_of(model: nn.Module) -> nn.Module:
 def target_layer(model: nn.Module, override: str | None = None) -> tuple[nn.Module, Callable | None]:
     """(module, reshape_transform) for Grad-CAM on ``model`` (a timm backbone or a probe classifier)."""
     backbone = _backbone_of(model)
+
+    def to_map(x: torch.Tensor) -> torch.Tensor:
+        # The same folding as the cache's feature maps: prefix tokens dropped, grid restored, NHWC permuted.
+        return feature_map_nchw(backbone, x)
+
+    is_token_model = hasattr(backbone, "num_prefix_tokens") and hasattr(backbone, "patch_embed") and hasattr(backbone, "blocks")
     if override:
-        module = backbone.get_submodule(override)
-        return module, _channels_first if _is_channels_last(backbone) else None
-    prefix = getattr(backbone, "num_prefix_tokens", None)
-    patch_embed = getattr(backbone, "patch_embed", None)
-    if prefix is not None and patch_embed is not None and hasattr(backbone, "blocks"):
-        grid = tuple(patch_embed.grid_size)
-
-        def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
-            x = x[:, prefix:]
-            return x.reshape(x.shape[0], grid[0], grid[1], x.shape[2]).permute(0, 3, 1, 2)
-
-        return backbone.blocks[-1].norm1, tokens_to_map
+        return backbone.get_submodule(override), to_map
+    if is_token_model:
+        return backbone.blocks[-1].norm1, to_map
     info = getattr(backbone, "feature_info", None)
     if not info:
         raise ValueError(f"{type(backbone).__name__}: no feature_info to pick a Grad-CAM layer; give an override")
     last = info[-1] if isinstance(info, (list, tuple)) else info.get_dicts()[-1]
-    module = backbone.get_submodule(last["module"])
-    return module, _channels_first if _is_channels_last(backbone) else None
-
-
-def _is_channels_last(backbone: nn.Module) -> bool:
-    return str(getattr(backbone, "output_fmt", "NCHW")).endswith("NHWC")
-
-
-def _channels_first(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 3, 1, 2) if x.ndim == 4 else x
+    return backbone.get_submodule(last["module"]), to_map
 
 
 def gradcam_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int] | None = None, *,
