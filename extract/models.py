@@ -179,6 +179,29 @@ def create_backbone(spec: BackboneSpec, weights: Weights, **extra: Any) -> tuple
     return model, untrained
 
 
+def backbone_from_record(*, model: str, name: str, model_kwargs: dict[str, Any] | None, weights_tag: str,
+                         weights_location: str | None) -> tuple[BackboneSpec, Weights, dict[str, Any]]:
+    """The backbone a cache key or saved head describes: (spec, weights, size kwargs).
+
+    Recorded ``model_kwargs`` are the YAML kwargs plus ``img_size`` for a resized fixed-size
+    model; a local weights file must still be the one whose hash the tag records.
+    """
+    kwargs = dict(model_kwargs or {})
+    size_kwargs = {"img_size": kwargs.pop("img_size")} if "img_size" in kwargs else {}
+    spec = BackboneSpec(model=model, name=name, kwargs=kwargs)
+    if weights_tag == "random":
+        weights = Weights("random", None, weights_tag)
+    elif weights_tag.startswith("file:"):
+        location = Path(weights_location) if weights_location else None
+        if location is None or not location.is_file() or file_tag(location) != weights_tag:
+            raise WeightsError(f"{name}: recorded weights {weights_tag} from {location} are missing or have changed; "
+                               "point at the file it was made with")
+        weights = Weights("file", str(location), weights_tag)
+    else:
+        weights = Weights("hub", model, weights_tag)
+    return spec, weights, size_kwargs
+
+
 def preprocessing(spec: BackboneSpec, image_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """timm's resolved preprocessing for ``spec`` at ``image_size`` as plain data, and the extra
     ``create_model`` kwargs that size needs (``img_size`` for fixed-size models such as ViT and Swin).

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from extract.backbones import BackboneSpec
-from extract.models import Weights, WeightsError, create_backbone, file_tag
+from extract.models import Weights, backbone_from_record, create_backbone
 from probe.heads import head_from_checkpoint
 
 
@@ -33,21 +32,10 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def load_classifier(path: str | Path, *, weights: Weights | None = None) -> tuple[ProbeClassifier, dict[str, Any]]:
     """Backbone (as recorded in the head file) plus head. ``weights`` overrides where the backbone's weights come from."""
     head, ckpt = load_head(path)
-    # The cache key's model_kwargs hold the YAML kwargs plus img_size for a resized fixed-size model.
-    kwargs = dict(ckpt.get("model_kwargs") or {})
-    size_kwargs = {"img_size": kwargs.pop("img_size")} if "img_size" in kwargs else {}
-    spec = BackboneSpec(model=ckpt["model"], name=ckpt["backbone"], kwargs=kwargs)
-    if weights is None:
-        tag = ckpt["weights"]
-        if tag == "random":
-            weights = Weights("random", None, "random")
-        elif tag.startswith("file:") and ckpt.get("weights_location"):
-            location = Path(ckpt["weights_location"])
-            if not location.is_file() or file_tag(location) != tag:
-                raise WeightsError(f"{path}: its backbone used weights {tag} from {location}, which is missing or has "
-                                   "changed; pass weights=Weights('file', PATH, tag) for the file it was trained with")
-            weights = Weights("file", str(location), tag)
-        else:
-            weights = Weights("hub", ckpt["model"], tag)
-    backbone, _ = create_backbone(spec, weights, **size_kwargs)
+    # Weights the caller brings replace the recorded ones, which are then not looked up.
+    tag = ckpt["weights"] if weights is None else "random"
+    spec, recorded, size_kwargs = backbone_from_record(
+        model=ckpt["model"], name=ckpt["backbone"], model_kwargs=ckpt.get("model_kwargs"), weights_tag=tag,
+        weights_location=ckpt.get("weights_location"))
+    backbone, _ = create_backbone(spec, weights or recorded, **size_kwargs)
     return ProbeClassifier(backbone, head).eval(), ckpt

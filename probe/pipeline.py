@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import json
 import logging
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from cache import CacheError, list_caches, open_cache
 from extract.config import atomic_write_text
-from extract.console import format_table
+from extract.console import format_table, write_csv
 from probe.baseline import logreg_baseline
 from probe.grid import Grid, HeadConfig, load_grid
 from probe.heads import head_checkpoint
@@ -170,7 +169,7 @@ def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline
     }), head_path)
     head_onnx = export_head_onnx(chosen.head, train.features.shape[1], head_path.with_suffix(".onnx"))
     history_path = out / "history" / f"{name}.csv"
-    _write_csv(history_path, chosen.history)
+    write_csv(history_path, chosen.history)
     plot_confusion(np.asarray(test_metrics["confusion"]), classes,
                    f"{name} — {chosen.config.name}\ntest {metric} {test_metrics[metric]:.3f}",
                    out / "confusion" / f"{name}.png")
@@ -200,16 +199,6 @@ def export_head_onnx(head: torch.nn.Module, dim: int, path: Path) -> Path | None
                     path.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         path.unlink(missing_ok=True)
         return None
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
 
 
 def _jsonable(obj: Any) -> Any:
@@ -277,7 +266,7 @@ def run_probe(*, workdir: Path, backbones: list[str] | None = None, grid: bool =
     ranked = mark_ties(entries, metric)
     leaderboard = render_leaderboard(workdir, ranked, metric=metric, n_boot=n_boot, seed=seed, n_heads=n_heads,
                                      ordinal=ordinal)
-    _write_csv(out / "results.csv", rows)
+    write_csv(out / "results.csv", rows)
     atomic_write_text(out / "results.json", json.dumps(_jsonable({
         "metric": metric, "seed": seed, "grid": grid, "n_heads": n_heads, "ordinal": ordinal, "folds": folds,
         "bootstrap": n_boot, "leaderboard": ranked, "rows": rows}), indent=2))

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnxruntime as ort
 import timm
 import timm.data
@@ -21,11 +22,11 @@ from cache import list_caches, open_cache
 from cache.schema import safe_name
 from extract.backbones import BackboneSpec, load_sets, resolve_backbones
 from extract.config import atomic_write_text
-from extract.console import format_table
+from extract.console import format_table, write_csv
 from extract.dataset import load_dataset
 from extract.device import pick_device
-from extract.images import load_rgb
-from extract.models import Weights, choose_weights, create_backbone, preprocessing
+from extract.images import IMAGE_SUFFIXES, load_rgb
+from extract.models import Weights, backbone_from_record, choose_weights, create_backbone, preprocessing
 from profiling.export import ExportError, append_head, export_onnx, matmul_flops, max_relative_error
 from profiling.flops import count_flops, count_parameters
 from profiling.latency import choose_providers, make_session, measure_eager, measure_onnxruntime, peak_matmul_gflops
@@ -57,17 +58,10 @@ def targets_from_caches(workdir: Path) -> list[Target]:
         if not entry.complete:
             continue
         with open_cache(entry.path) as fc:
-            kwargs = dict(fc.key.get("model_kwargs") or {})
-            size_kwargs = {"img_size": kwargs.pop("img_size")} if "img_size" in kwargs else {}
-            tag = fc.weights
-            if tag == "random":
-                weights = Weights("random", None, tag)
-            elif tag.startswith("file:"):
-                weights = Weights("file", fc.meta.get("weights_location"), tag)
-            else:
-                weights = Weights("hub", fc.model, tag)
-            out.append(Target(BackboneSpec(model=fc.model, name=fc.backbone, kwargs=kwargs), weights, fc.data_config,
-                              size_kwargs))
+            spec, weights, size_kwargs = backbone_from_record(
+                model=fc.model, name=fc.backbone, model_kwargs=fc.key.get("model_kwargs"), weights_tag=fc.weights,
+                weights_location=fc.meta.get("weights_location"))
+            out.append(Target(spec, weights, fc.data_config, size_kwargs))
     return out
 
 
@@ -89,7 +83,7 @@ def check_images(workdir: Path, data: str | None, n: int = 8) -> list[Path]:
         info = json.loads(record.read_text())
         root = Path(info["root"])
         # The first images of the recorded dataset, in its own (sorted) order.
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         skipped = {s["id"] for s in info.get("skipped", [])}
         paths = [p for p in paths if p.relative_to(root).as_posix() not in skipped]
         if paths:
@@ -164,11 +158,11 @@ def profile_target(target: Target, *, out: Path, head_dir: Path | None, images: 
 
 def machine_info(device: torch.device, peak_gflops: float) -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": str(device), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "peak_matmul_gflops": peak_gflops,
             "versions": {"torch": torch.__version__, "timm": timm.__version__, "onnxruntime": ort.__version__,
-                         "onnx": __import__("onnx").__version__}}
+                         "onnx": onnx.__version__}}
 
 
 def read_probe_scores(workdir: Path) -> tuple[str | None, dict[tuple[str, int], float]]:
@@ -179,15 +173,6 @@ def read_probe_scores(workdir: Path) -> tuple[str | None, dict[tuple[str, int], 
         return None, {}
     metric = data.get("metric")
     return metric, {(e["backbone"], int(e["image_size"])): e["val"][metric] for e in data.get("leaderboard", [])}
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
 
 
 def run_profiling(*, workdir: Path, backbones: list[str] | None = None, backbones_file: Path | None = None,
@@ -229,7 +214,7 @@ def run_profiling(*, workdir: Path, backbones: list[str] | None = None, backbone
     report = {"machine": machine_info(dev, peak), "records": records, "failures": failures}
     atomic_write_text(out / "performance.json", json.dumps(report, indent=2, default=str))
     if records:
-        _write_csv(out / "performance.csv", records)
+        write_csv(out / "performance.csv", records)
     metric, scores = read_probe_scores(workdir)
     b1 = [r for r in records if r["batch_size"] == min(batch_sizes)]
     pareto_path = None
