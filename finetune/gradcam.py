@@ -92,3 +92,40 @@ def save_gradcam_grid(images_rgb: Sequence[np.ndarray], maps: np.ndarray, titles
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def pick_images(labels: Sequence[int], n: int) -> list[int]:
+    """``n`` indices taken round-robin over the classes (first images of each class first): every class shows."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    queues = [by_class[c] for c in sorted(by_class)]
+    out: list[int] = []
+    depth = 0
+    while len(out) < n and any(depth < len(q) for q in queues):
+        out += [q[depth] for q in queues if depth < len(q)][: n - len(out)]
+        depth += 1
+    return sorted(out)
+
+
+def explain(model: nn.Module, *, paths: Sequence[Path], labels: Sequence[int], classes: Sequence[str],
+            data_cfg: dict, path: Path, n: int = 20, override: str | None = None,
+            device: torch.device | None = None) -> Path:
+    """A Grad-CAM grid of ``n`` images (what the model saw, its map, the overlay) for the predicted classes."""
+    import timm.data
+
+    from extract.images import load_rgb
+
+    device = device or torch.device("cpu")
+    chosen = pick_images(labels, n)
+    tf = timm.data.create_transform(**data_cfg, is_training=False)
+    x = torch.stack([tf(load_rgb(paths[i])) for i in chosen])
+    model = model.to(device).eval()
+    with torch.no_grad():
+        predicted = model(x.to(device)).argmax(1).cpu().tolist()
+    maps = gradcam_maps(model, x.to(device), predicted, override=override)
+    mean = torch.tensor(data_cfg["mean"]).view(3, 1, 1)
+    std = torch.tensor(data_cfg["std"]).view(3, 1, 1)
+    shown = [((xi * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8) for xi in x]
+    titles = [f"true {classes[labels[i]]} / pred {classes[p]}" for i, p in zip(chosen, predicted)]
+    return save_gradcam_grid(shown, maps, titles, path)

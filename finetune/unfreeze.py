@@ -32,11 +32,14 @@ class Stage:
     lr_scale: float = 1.0
 
 
-def default_schedule(last_block_epoch: int = 2, all_epoch: int = 4, final_lr_scale: float = 0.1) -> list[Stage]:
-    """Head only; then the last block; then the whole model at ``final_lr_scale``."""
-    if not 0 < last_block_epoch < all_epoch:
-        raise ValueError(f"need 0 < last_block_epoch ({last_block_epoch}) < all_epoch ({all_epoch})")
-    return [Stage(0, 0, 1.0), Stage(last_block_epoch, 1, 1.0), Stage(all_epoch, ALL, final_lr_scale)]
+def default_schedule(frozen_epochs: int = 2, last_block_epochs: int = 2, final_lr_scale: float = 0.1) -> list[Stage]:
+    """Head only for ``frozen_epochs``; then the last block too for ``last_block_epochs``; then the whole
+    model at ``final_lr_scale``. A stage of zero epochs is skipped."""
+    if frozen_epochs < 0 or last_block_epochs < 0:
+        raise ValueError(f"stage lengths must be >= 0, got {frozen_epochs} and {last_block_epochs}")
+    stages = [Stage(0, 0, 1.0), Stage(frozen_epochs, 1, 1.0), Stage(frozen_epochs + last_block_epochs, ALL, final_lr_scale)]
+    # A later stage starting at the same epoch replaces the earlier one.
+    return [s for i, s in enumerate(stages) if all(t.epoch != s.epoch for t in stages[i + 1:])]
 
 
 def stage_at(schedule: list[Stage], epoch: int) -> Stage:
@@ -60,11 +63,12 @@ class ProgressiveUnfreezer:
 
     def __init__(self, backbone: nn.Module, head: nn.Module, blocks: list[Block], schedule: list[Stage], *,
                  base_lr: float, layer_decay: float = 0.75, weight_decay: float = 0.05, optimizer: str = "adamw",
-                 momentum: float = 0.9) -> None:
+                 momentum: float = 0.9, freeze_bn_stats: bool = False) -> None:
         if schedule[0].epoch != 0:
             raise ValueError("the first stage must start at epoch 0")
         self.backbone, self.head, self.blocks, self.schedule = backbone, head, blocks, schedule
         self.layer_decay, self.weight_decay = layer_decay, weight_decay
+        self.freeze_bn_stats = freeze_bn_stats  # every block's, not only the frozen ones'
         self.named = dict(backbone.named_parameters())
         self.unfrozen = 0  # blocks trainable so far (tail first)
         self.stage = schedule[0]
@@ -120,11 +124,12 @@ class ProgressiveUnfreezer:
             group["lr"] = base_lr * group["lr_scale"]
 
     def train(self) -> None:
-        """Train mode, except BatchNorm in frozen blocks, whose running statistics must not move."""
+        """Train mode, except BatchNorm in frozen blocks (all blocks with ``freeze_bn_stats``): their running
+        statistics must not move, and they normalise with them."""
         self.backbone.train()
         self.head.train()
         for module, block in self._bn_block.items():
-            if block >= self.unfrozen:
+            if block >= self.unfrozen or self.freeze_bn_stats:
                 module.eval()
 
     def trainable_blocks(self) -> list[str]:

@@ -1,0 +1,215 @@
+"""`finetune` as a library call: pick backbones from the probe leaderboard, search, test the best, explain."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from cache import CacheError
+from extract.config import ConfigError, atomic_write_text
+from extract.console import format_table
+from extract.device import pick_device
+from finetune.data import FinetuneData, load_data
+from finetune.deploy import export_and_time
+from finetune.evaluate import evaluate_test
+from finetune.gradcam import explain
+from finetune.model import RECORD_KEYS, Target, load_checkpoint
+from finetune.report import plot_searches, render_summary, summary_rows
+from finetune.search import Study, TrialRecord
+from finetune.space import FinetuneSpec
+from finetune.trainer import run_trial
+from probe.classifier import load_classifier
+from probe.metrics import METRICS
+from profiling.export import ExportError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneOutputs:
+    results: list[dict[str, Any]]
+    summary: str
+    folder: Path
+
+
+def select_targets(workdir: Path, *, top: int, backbones: list[str] | None, metric: str | None
+                   ) -> tuple[list[Target], str]:
+    """The ``top`` backbones of the probe leaderboard by validation ``metric`` (or those named)."""
+    path = Path(workdir) / "probe" / "results.json"
+    if not path.is_file():
+        raise CacheError(f"{path}: no probe results. Run `python -m probe --grid --workdir {workdir}` first: "
+                         "stage two starts from the heads stage one chose.")
+    data = json.loads(path.read_text())
+    metric = metric or data["metric"]
+    entries = [e for e in data["leaderboard"] if e.get("val", {}).get(metric) is not None]
+    higher = METRICS[metric]
+    entries.sort(key=lambda e: -e["val"][metric] if higher else e["val"][metric])
+    if backbones:
+        chosen = [e for e in entries if any(b in (e["backbone"], f"{e['backbone']}@{e['image_size']}")
+                                            or fnmatch.fnmatch(e["backbone"], b) for b in backbones)]
+        if not chosen:
+            names = ", ".join(f"{e['backbone']}@{e['image_size']}" for e in entries)
+            raise ConfigError(f"--backbones {','.join(backbones)} matches nothing the probe ranked ({names})")
+    else:
+        chosen = entries[:top]
+    targets = []
+    for e in chosen:
+        targets.append(Target(record={k: e.get(k) for k in RECORD_KEYS}, cache=Path(e["cache"]),
+                              head_file=Path(e["head_file"]) if e.get("head_file") else None,
+                              probe={"head": e["head"], "val": e["val"][metric], "test": e["test"][metric],
+                                     "test_ci": e["test_ci"].get(metric), "weights": e["weights"]}))
+    return targets, metric
+
+
+def _move_aside(folder: Path) -> None:
+    if folder.exists():
+        old = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(old)
+        log.info("--restart: the previous study is kept in %s", old)
+
+
+def _search(target: Target, data: FinetuneData, *, spec: FinetuneSpec, folder: Path, optimizer: str, ng_optimizer: str,
+            budget: int, workers: int, metric: str, head: str, device: torch.device, seed: int, data_workers: int,
+            progress: bool) -> Study:
+    study = Study(folder, spec, optimizer=optimizer, ng_optimizer=ng_optimizer, budget=budget, workers=workers,
+                  metric=metric, seed=seed)
+    bar = tqdm(total=study.budget, desc=f"{target.name} trials", unit="trial", disable=not progress, dynamic_ncols=True)
+
+    def objective(n: int, point: dict[str, Any], stop: Any):
+        return run_trial(target=target, data=data, params=spec.params(point), spec=spec, metric=metric,
+                         folder=folder / f"trial-{n:03d}", head_init=head, device=device, seed=seed + n,
+                         data_workers=data_workers, progress=progress and workers == 1, stop=stop)
+
+    def on_end(record: TrialRecord) -> None:
+        bar.update(1)
+        best = study.best()
+        if best is not None:
+            bar.set_postfix({f"best {metric}": f"{best.metric:.4f}"})
+
+    try:
+        study.run(objective, on_end=on_end)
+    finally:
+        bar.close()
+    return study
+
+
+def _finish(target: Target, data: FinetuneData, study: Study, *, spec: FinetuneSpec, workdir: Path, metric: str,
+            device: torch.device, n_boot: int, seed: int, data_workers: int, latency: bool, provider: str
+            ) -> dict[str, Any]:
+    """Test the best trial once, export and time it, explain it; returns its summary entry."""
+    out = workdir / "finetune"
+    name = target.slug
+    summary = study.summary()
+    trials = summary["trials"]
+    result: dict[str, Any] = {
+        "name": target.name, "optimizer": f"{study.kind}" + (f" ({study.delegate})" if study.kind == "nevergrad" and study.delegate else ""),
+        "ok": sum(t["status"] == "ok" for t in trials), "failed": sum(t["status"] == "failed" for t in trials),
+        "failed_trials": [t for t in trials if t["status"] == "failed"], "probe": target.probe, "best": None,
+        "weights": target.record["weights"]}
+    best = study.best()
+    if best is None:
+        log.error("%s: every trial failed; nothing to test", target.name)
+        return result
+    best_dir = out / "best" / name
+    best_dir.mkdir(parents=True, exist_ok=True)
+    source = study.folder / f"trial-{best.number:03d}" / "best_model.pt"
+    checkpoint = best_dir / "best_model.pt"
+    metrics_path = best_dir / "metrics.json"
+    previous = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    fresh = previous.get("trial") == best.number and checkpoint.is_file() and previous.get("test") is not None
+    if not fresh:
+        shutil.copy2(source, checkpoint)
+        model, _ = load_checkpoint(checkpoint)
+        log.info("%s: testing trial %d once on the test split", target.name, best.number)
+        evaluated = evaluate_test(model, target=target, data=data, out=best_dir, metric=metric, device=device,
+                                  n_boot=n_boot, seed=seed, workers=data_workers)
+        record = {"backbone": target.name, "trial": best.number, "params": best.point, "metric": metric,
+                  "val": best.metric, "best_epoch": best.best_epoch, **evaluated}
+        if latency:
+            try:
+                record["latency"] = export_and_time(checkpoint, data_cfg=target.data_config, images=data.splits["val"],
+                                                    out=best_dir, provider=provider)
+            except (ExportError, RuntimeError) as exc:
+                log.warning("%s: no ONNX latency (%s)", target.name, exc)
+        atomic_write_text(metrics_path, json.dumps(record, indent=2))
+        previous = record
+    else:
+        log.info("%s: trial %d was already tested; reusing %s", target.name, best.number, metrics_path)
+    result.update(best={"trial": best.number, "params": best.point, "val": best.metric, "best_epoch": best.best_epoch,
+                        "test": previous["test"][metric], "test_ci": previous["test_ci"].get(metric)},
+                  latency=previous.get("latency"), best_dir=str(best_dir))
+    return result
+
+
+def _explain(target: Target, data: FinetuneData, *, spec: FinetuneSpec, workdir: Path, device: torch.device,
+             result: dict[str, Any]) -> None:
+    """Grad-CAM grids of validation images for the fine-tuned model and for the probe classifier."""
+    if result.get("best") is None or spec.gradcam.images < 1:
+        return
+    out = workdir / "finetune" / "gradcam"
+    name = target.slug
+    override = next((layer for pattern, layer in spec.gradcam.target_layers.items()
+                     if fnmatch.fnmatch(target.record["model"], pattern) or fnmatch.fnmatch(target.record["backbone"], pattern)), None)
+    val = data.splits["val"]
+    kwargs = dict(paths=val.paths, labels=val.labels.tolist(), classes=data.classes, data_cfg=target.data_config,
+                  n=spec.gradcam.images, override=override, device=device)
+    try:
+        model, _ = load_checkpoint(Path(result["best_dir"]) / "best_model.pt")
+        result["gradcam"] = str(explain(model, path=out / f"{name}.png", **kwargs))
+        if target.head_file is not None and target.head_file.is_file():
+            probe_model, ckpt = load_classifier(target.head_file)
+            if ckpt["config"]["type"] != "knn":
+                result["gradcam_probe"] = str(explain(probe_model, path=out / f"{name}-probe.png", **kwargs))
+    except Exception as exc:  # an explanation must not cost the results
+        log.warning("%s: Grad-CAM failed (%s: %s); set gradcam.target_layers for this architecture",
+                    target.name, type(exc).__name__, exc)
+
+
+def run_finetune(*, workdir: Path, spec: FinetuneSpec, top: int = 3, backbones: list[str] | None = None,
+                 optimizer: str = "nevergrad", ng_optimizer: str = "NGOpt", budget: int = 20, workers: int = 1,
+                 metric: str | None = None, head: str = "probe", device: str = "auto", seed: int = 0,
+                 data_workers: int = 0, n_boot: int = 1000, latency: bool = True, provider: str = "auto",
+                 restart: bool = False, progress: bool = True) -> FinetuneOutputs:
+    """Search each chosen backbone, test its best trial once, write ``finetune/``."""
+    workdir = Path(workdir)
+    targets, metric = select_targets(workdir, top=top, backbones=backbones, metric=metric)
+    dev = pick_device(device)
+    out = workdir / "finetune"
+    log.info("Fine-tuning %d backbone(s) on %s: %s; %s search, budget %d, selection by validation %s",
+             len(targets), dev, ", ".join(t.name for t in targets), optimizer, 1 if optimizer == "none" else budget, metric)
+    results, studies = [], []
+    for target in targets:
+        if target.record["weights"] == "random":
+            log.warning("%s: RANDOM backbone weights (the cache was extracted with --no-pretrained)", target.name)
+        folder = out / target.slug
+        if restart:
+            _move_aside(folder)
+        data = load_data(workdir, target.cache)
+        study = _search(target, data, spec=spec, folder=folder, optimizer=optimizer, ng_optimizer=ng_optimizer,
+                        budget=budget, workers=workers, metric=metric, head=head, device=dev, seed=seed,
+                        data_workers=data_workers, progress=progress)
+        summary = study.summary()
+        atomic_write_text(folder / "study.json", json.dumps({**summary, "backbone": target.name,
+                                                             "head": head, "spec_source": spec.source}, indent=2))
+        result = _finish(target, data, study, spec=spec, workdir=workdir, metric=metric, device=dev, n_boot=n_boot,
+                         seed=seed, data_workers=data_workers, latency=latency, provider=provider)
+        _explain(target, data, spec=spec, workdir=workdir, device=dev, result=result)
+        results.append(result)
+        studies.append({"name": target.name, "optimizer": result["optimizer"], "trials": summary["trials"],
+                        "probe_val": target.probe.get("val")})
+    plot_searches(studies, metric, out / "search.png")
+    text = render_summary(results, metric=metric, workdir=workdir,
+                          random_weights=any(r["weights"] == "random" for r in results))
+    atomic_write_text(out / "summary.md", text)
+    atomic_write_text(out / "summary.json", json.dumps({"metric": metric, "results": results}, indent=2, default=str))
+    table = format_table(summary_rows(results, metric))
+    return FinetuneOutputs(results=results, summary=table, folder=out)

@@ -1,0 +1,113 @@
+"""What a person reads after stage two: ``summary.md`` and the plot of each search."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from extract.console import format_table  # noqa: E402
+from probe.metrics import METRICS  # noqa: E402
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _with_ci(value: float | None, ci: Sequence[float] | None) -> str:
+    if value is None:
+        return ""
+    if not ci or any(c is None for c in ci):
+        return _fmt(value)
+    return f"{value:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def plot_searches(studies: Sequence[dict[str, Any]], metric: str, path: Path) -> Path:
+    """One panel per backbone: the validation metric of every trial, the best so far, the probe's value."""
+    n = max(1, len(studies))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.3), squeeze=False)
+    higher = METRICS[metric]
+    for ax, study in zip(axes[0], studies):
+        trials = study["trials"]
+        ok = [(t["trial"], t["metric"]) for t in trials if t["status"] == "ok" and t["metric"] is not None]
+        failed = [t["trial"] for t in trials if t["status"] == "failed"]
+        if ok:
+            xs, ys = zip(*ok)
+            ax.scatter(xs, ys, s=18, label="trial", zorder=3)
+            best, running = [], None
+            for t in sorted(trials, key=lambda t: t["trial"]):
+                if t["status"] == "ok" and t["metric"] is not None:
+                    running = t["metric"] if running is None else (max if higher else min)(running, t["metric"])
+                best.append((t["trial"], running))
+            bx, by = zip(*[(x, y) for x, y in best if y is not None])
+            ax.step(bx, by, where="post", color="C1", label="best so far")
+        if failed:
+            low = min((y for _, y in ok), default=0.0)
+            ax.scatter(failed, [low] * len(failed), marker="x", color="C3", label="failed", zorder=3)
+        if study.get("probe_val") is not None:
+            ax.axhline(study["probe_val"], ls="--", color="grey", lw=1, label="probe")
+        ax.set_title(f"{study['name']}\n{study['optimizer']}", fontsize=9)
+        ax.set_xlabel("trial")
+        ax.set_ylabel(f"val {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_rows(results: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        best = r.get("best") or {}
+        latency = r.get("latency") or {}
+        probe = r.get("probe") or {}
+        rows.append({
+            "backbone": r["name"],
+            "probe head": probe.get("head", ""),
+            f"probe val {metric}": _fmt(probe.get("val")),
+            f"probe test {metric}": _with_ci(probe.get("test"), probe.get("test_ci")),
+            f"fine-tuned val {metric}": _fmt(best.get("val")),
+            f"fine-tuned test {metric}": _with_ci(best.get("test"), best.get("test_ci")),
+            "trials ok/failed": f"{r['ok']}/{r['failed']}",
+            "search": r["optimizer"],
+            "p50 ms (b1)": _fmt(latency.get("p50_ms"), 2),
+            "GFLOPs": _fmt(latency.get("gflops"), 2),
+        })
+    return rows
+
+
+def render_summary(results: Sequence[dict[str, Any]], *, metric: str, workdir: Path, random_weights: bool) -> str:
+    lines = ["# Fine-tuning summary", "",
+             f"Selection by validation {metric}; the best trial of each backbone tested once (95% bootstrap CIs). "
+             "Latency: the whole fine-tuned model as ONNX under ONNX Runtime, batch 1.", ""]
+    if random_weights:
+        lines += ["**Some backbones use RANDOM weights (--no-pretrained): the numbers say nothing about pretrained "
+                  "quality.**", ""]
+    lines += [format_table(summary_rows(results, metric)), ""]
+    for r in results:
+        best = r.get("best")
+        lines.append(f"## {r['name']}")
+        if best:
+            params = ", ".join(f"{k}={_fmt(v, 4) if isinstance(v, float) else v}" for k, v in best["params"].items())
+            lines.append(f"- best trial {best['trial']:03d} (epoch {best.get('best_epoch')}): {params}")
+            lines.append(f"- files: `{r['best_dir']}` (best_model.pt, metrics.json, confusion.png, model.onnx)")
+        else:
+            lines.append("- no trial finished; see trials.jsonl for the reasons")
+        if r.get("gradcam"):
+            lines.append(f"- Grad-CAM: `{r['gradcam']}`" + (f", probe head: `{r['gradcam_probe']}`" if r.get("gradcam_probe") else ""))
+        for t in r.get("failed_trials", []):
+            lines.append(f"- trial {t['trial']:03d} failed: {t['reason']}")
+        lines.append("")
+    lines.append(f"Search plot: `{Path(workdir) / 'finetune' / 'search.png'}`")
+    return "\n".join(lines) + "\n"

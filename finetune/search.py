@@ -1,0 +1,281 @@
+"""The hyperparameter search of one backbone: Nevergrad's ask/tell around an append-only trial log.
+
+``trials.jsonl`` is the source of truth. Each line is an event: ``start`` (a trial
+number and the point asked) or ``end`` (its status, metric and the loss told to the
+optimizer). Resuming replays the events in order into a fresh, identically seeded
+optimizer — ``ask`` gives back the same points, ``tell`` the recorded losses — so the
+optimizer's state is what it was, finished trials are not repeated, and a trial that
+was running when the study was killed runs again (from its own ``last.pt``).
+
+Nevergrad minimises: the loss told is ``-metric`` for metrics where higher is
+better. A failed trial is told a loss worse than every finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nevergrad as ng
+
+from extract.config import ConfigError
+from finetune.space import FinetuneSpec, _plain
+from finetune.trainer import StudyStopped, TrialOutcome
+from probe.metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("nevergrad", "random", "none")
+FAILED_MARGIN = 1.0
+
+
+class StudyError(RuntimeError):
+    """The trial log cannot be continued with these options; the message says what to do."""
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    point: dict[str, Any]
+    status: str = "running"  # running | ok | failed
+    metric: float | None = None
+    loss: float | None = None
+    reason: str | None = None
+    seconds: float | None = None
+    best_epoch: int | None = None
+    started: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trial": self.number, "status": self.status, "metric": self.metric, "loss": self.loss,
+                "reason": self.reason, "seconds": self.seconds, "best_epoch": self.best_epoch, "params": self.point}
+
+
+Objective = Callable[[int, dict[str, Any], threading.Event], TrialOutcome]
+
+
+def make_optimizer(kind: str, name: str, parametrization: ng.p.Parameter, budget: int, workers: int
+                   ) -> ng.optimizers.base.Optimizer:
+    if kind == "random":
+        name = "RandomSearch"
+    try:
+        cls = ng.optimizers.registry[name]
+    except KeyError:
+        raise ConfigError(f"ng_optimizer: {name!r} is not a Nevergrad optimizer; e.g. NGOpt, TwoPointsDE, CMA, "
+                          "PortfolioDiscreteOnePlusOne, RandomSearch") from None
+    return cls(parametrization=parametrization, budget=budget, num_workers=workers)
+
+
+def delegated_name(optimizer: ng.optimizers.base.Optimizer) -> str:
+    """The optimizer NGOpt (or another wizard) actually delegates to; the class name otherwise."""
+    try:
+        info = optimizer._info()  # noqa: SLF001 — Nevergrad's own way to report its choice
+    except Exception:
+        info = {}
+    return str(info.get("sub-optim") or type(optimizer).__name__)
+
+
+class Study:
+    """The search of one backbone; ``run`` continues wherever its trial log stopped."""
+
+    def __init__(self, folder: Path, spec: FinetuneSpec, *, optimizer: str = "nevergrad", ng_optimizer: str = "NGOpt",
+                 budget: int = 20, workers: int = 1, metric: str = "macro_f1", seed: int = 0) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer: one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        if budget < 1 or workers < 1:
+            raise ConfigError(f"budget and workers must be at least 1, got {budget} and {workers}")
+        self.folder, self.spec, self.kind, self.metric, self.seed = Path(folder), spec, optimizer, metric, seed
+        self.budget = 1 if optimizer == "none" else budget
+        self.workers = min(workers, self.budget)
+        self.ng_name = ng_optimizer
+        self.log_path = self.folder / "trials.jsonl"
+        self.header = {"event": "study", "optimizer": optimizer, "ng_optimizer": ng_optimizer if optimizer == "nevergrad"
+                       else None, "metric": metric, "seed": seed, "space": spec.fingerprint(),
+                       "workers": self.workers}
+        self.trials: dict[int, TrialRecord] = {}
+        self.delegate: str | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ log
+    def _append(self, event: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.log_path, "a") as fh:
+            fh.write(json.dumps(event) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _read_log(self) -> list[dict[str, Any]]:
+        if not self.log_path.is_file():
+            return []
+        events = []
+        for n, line in enumerate(self.log_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                # Only a line cut by a kill can be broken, and only the last one.
+                log.warning("%s line %d is incomplete (killed while writing); ignored", self.log_path, n)
+        if events and events[0].get("event") == "study":
+            old = events[0]
+            diffs = [k for k in ("optimizer", "ng_optimizer", "metric", "seed", "space", "workers")
+                     if old.get(k) != self.header[k]]
+            if diffs:
+                raise StudyError(
+                    f"{self.log_path} was made with other search options ({', '.join(f'{k}: {old.get(k)!r} now {self.header[k]!r}' for k in diffs)}). "
+                    "Run with the same options to continue it, or pass --restart to move it aside and start over.")
+        return events
+
+    # ------------------------------------------------------------------ loss
+    def loss_of(self, outcome: TrialOutcome) -> float:
+        if outcome.status == "ok" and outcome.metric is not None and math.isfinite(outcome.metric):
+            return -outcome.metric if METRICS[self.metric] else outcome.metric
+        finished = [t.loss for t in self.trials.values() if t.status == "ok" and t.loss is not None]
+        return (max(finished) if finished else 0.0) + FAILED_MARGIN
+
+    # ------------------------------------------------------------------ running
+    def _new_optimizer(self) -> ng.optimizers.base.Optimizer:
+        param = self.spec.parametrization(self.seed)
+        opt = make_optimizer(self.kind, self.ng_name, param, self.budget, self.workers)
+        # Trial 0 is the known-good default configuration.
+        opt.suggest(self.spec.default_point())
+        return opt
+
+    def _ask(self, opt: ng.optimizers.base.Optimizer) -> ng.p.Parameter:
+        candidate = opt.ask()
+        if self.delegate is None:
+            self.delegate = delegated_name(opt)
+            log.info("Search: %s over %d hyperparameters, budget %d, %d worker(s); optimizer %s%s", self.kind,
+                     len(self.spec.space), self.budget, self.workers, type(opt).__name__,
+                     f" (delegates to {self.delegate})" if self.delegate != type(opt).__name__ else "")
+        return candidate
+
+    @staticmethod
+    def _point(candidate: ng.p.Parameter) -> dict[str, Any]:
+        return {k: _plain(v) for k, v in candidate.value.items()}
+
+    def _replay(self, opt: ng.optimizers.base.Optimizer, events: list[dict[str, Any]]) -> dict[int, ng.p.Parameter]:
+        """Feed the log back into ``opt``; returns the candidates of trials that never ended."""
+        candidates: dict[int, ng.p.Parameter] = {}
+        for event in events:
+            kind = event.get("event")
+            if kind == "start":
+                n = int(event["trial"])
+                candidate = self._ask(opt)
+                if self._point(candidate) != event["params"]:
+                    # A different library version asks differently: tell the recorded point as not-asked.
+                    candidate = opt.parametrization.spawn_child(new_value=event["params"])
+                candidates[n] = candidate
+                self.trials[n] = TrialRecord(n, event["params"], started=event.get("time", 0.0))
+            elif kind == "end":
+                n = int(event["trial"])
+                record = self.trials[n]
+                record.status, record.metric, record.loss = event["status"], event.get("metric"), event["loss"]
+                record.reason, record.seconds, record.best_epoch = event.get("reason"), event.get("seconds"), event.get("best_epoch")
+                opt.tell(candidates.pop(n), record.loss)
+        return candidates
+
+    def run(self, objective: Objective, *, on_end: Callable[[TrialRecord], None] | None = None) -> list[TrialRecord]:
+        """Run trials until the budget is spent; ``objective(number, point, stop)`` trains one."""
+        events = self._read_log()
+        opt = self._new_optimizer()
+        if events:
+            unfinished = self._replay(opt, events[1:] if events[0].get("event") == "study" else events)
+            done = sum(t.status != "running" for t in self.trials.values())
+            log.info("%s: resuming the study, %d trial(s) finished, %d to re-run", self.folder.name, done, len(unfinished))
+        else:
+            self._append({**self.header, "time": time.time()})
+            unfinished = {}
+        stop = threading.Event()
+        queue = sorted(unfinished.items())
+        next_number = max(self.trials, default=-1) + 1
+
+        def launch(pool: ThreadPoolExecutor | None, n: int) -> Future:
+            point = self.trials[n].point
+            if pool is None:
+                future: Future = Future()
+                try:
+                    future.set_result(objective(n, point, stop))
+                except Exception as exc:  # the objective should not raise; record it as a failure if it does
+                    future.set_exception(exc)
+                return future
+            return pool.submit(objective, n, point, stop)
+
+        def finish(n: int, candidate: ng.p.Parameter, future: Future) -> None:
+            exc = future.exception()
+            outcome = future.result() if exc is None else TrialOutcome(
+                "failed", None, reason=f"crashed: {type(exc).__name__}: {exc}")
+            if outcome.status == "ok" and (outcome.metric is None or not math.isfinite(outcome.metric)):
+                outcome = TrialOutcome("failed", None, outcome.best_epoch, outcome.epochs, outcome.seconds,
+                                       reason=f"non-finite validation {self.metric} ({outcome.metric})")
+            record = self.trials[n]
+            record.loss = self.loss_of(outcome)
+            record.status, record.metric, record.reason = outcome.status, outcome.metric, outcome.reason
+            record.seconds, record.best_epoch = outcome.seconds, outcome.best_epoch
+            opt.tell(candidate, record.loss)
+            self._append({"event": "end", "trial": n, "status": record.status, "metric": record.metric,
+                          "loss": record.loss, "reason": record.reason, "seconds": record.seconds,
+                          "best_epoch": record.best_epoch, "val": outcome.val, "time": time.time()})
+            if record.status == "failed":
+                log.warning("%s trial %d failed: %s (told loss %.4g; the search goes on)", self.folder.name, n,
+                            record.reason, record.loss)
+            else:
+                log.info("%s trial %d: val %s %.4f (best epoch %s) in %.0fs", self.folder.name, n, self.metric,
+                         record.metric, record.best_epoch, record.seconds or 0)
+            if on_end is not None:
+                on_end(record)
+
+        pool = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 else None
+        in_flight: dict[Future, tuple[int, ng.p.Parameter]] = {}
+        try:
+            while True:
+                # Never more open asks than workers: re-runs of unfinished trials count as open asks.
+                while len(in_flight) < self.workers and (queue or next_number < self.budget):
+                    if queue:
+                        n, candidate = queue.pop(0)
+                    else:
+                        n, candidate = next_number, self._ask(opt)
+                        next_number += 1
+                        self.trials[n] = TrialRecord(n, self._point(candidate))
+                        self._append({"event": "start", "trial": n, "params": self.trials[n].point, "time": time.time()})
+                    in_flight[launch(pool, n)] = (n, candidate)
+                if not in_flight:
+                    break
+                finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=lambda f: in_flight[f][0]):
+                    exc = future.exception()
+                    if isinstance(exc, (KeyboardInterrupt, StudyStopped)):
+                        raise exc
+                    n, candidate = in_flight.pop(future)
+                    finish(n, candidate, future)
+        except BaseException:
+            stop.set()  # running trials stop at their next step and resume next time
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        if pool is not None:
+            pool.shutdown(wait=True)
+        return sorted(self.trials.values(), key=lambda t: t.number)
+
+    # ------------------------------------------------------------------ results
+    def best(self) -> TrialRecord | None:
+        ok = [t for t in self.trials.values() if t.status == "ok" and t.loss is not None]
+        return min(ok, key=lambda t: (t.loss, t.number)) if ok else None
+
+    def summary(self) -> dict[str, Any]:
+        best = self.best()
+        return {"optimizer": self.kind, "ng_optimizer": self.header["ng_optimizer"], "delegate": self.delegate,
+                "budget": self.budget, "workers": self.workers, "metric": self.metric, "seed": self.seed,
+                "space": self.spec.to_dict()["space"], "defaults": self.spec.defaults.to_dict(),
+                "space_fingerprint": self.spec.fingerprint(),
+                "trials": [t.as_dict() for t in sorted(self.trials.values(), key=lambda t: t.number)],
+                "best": best.as_dict() if best else None}
+

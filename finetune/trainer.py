@@ -1,0 +1,331 @@
+"""One trial: fine-tune backbone + head with progressive unfreezing, written out plainly.
+
+Per epoch: enter the unfreezing stage; train (from the feature cache while the
+whole backbone is frozen, else through the model on augmented images); validate;
+keep the best epoch's weights (``best_model.pt``); write ``metrics.csv``; save
+``last.pt`` (model, optimizer, counters) so an interrupted trial resumes at the next
+epoch. A non-finite loss, an out-of-memory error or any crash ends the trial as
+*failed* with its reason; the study goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from extract.console import write_csv
+from extract.device import autocast, empty_cache, is_out_of_memory
+from finetune.blocks import backbone_blocks
+from finetune.data import FinetuneData, Split, eval_transform, image_loader, train_transform
+from finetune.model import Target, build_classifier, save_checkpoint
+from finetune.space import FinetuneSpec, TrialParams
+from finetune.unfreeze import ProgressiveUnfreezer, default_schedule
+from probe.metrics import METRICS, fast_metric
+from probe.train import class_weights
+
+log = logging.getLogger(__name__)
+
+
+class TrialFailed(RuntimeError):
+    """The trial cannot finish (diverged, out of memory, crashed); the message is its recorded reason."""
+
+
+class StudyStopped(Exception):
+    """The study is shutting down; the trial resumes from its last epoch next time."""
+
+
+@dataclass
+class TrialOutcome:
+    status: str  # "ok" or "failed"
+    metric: float | None  # best validation value of the selection metric
+    best_epoch: int | None = None
+    epochs: int = 0
+    seconds: float = 0.0
+    reason: str | None = None
+    val: dict[str, float] = field(default_factory=dict)
+    head_source: str = ""
+
+
+def base_lr_factor(t: float, *, warmup: float, total: float) -> float:
+    """Linear warm-up over ``warmup`` epochs, then cosine decay to 0 at ``total`` (``t`` in epochs)."""
+    if warmup > 0 and t < warmup:
+        return max(t, 1e-3) / warmup
+    if total <= warmup:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / (total - warmup))))
+
+
+def _better(metric: str, a: float, b: float | None) -> bool:
+    return b is None or (a > b if METRICS[metric] else a < b)
+
+
+class _Trial:
+    def __init__(self, *, target: Target, data: FinetuneData, params: TrialParams, spec: FinetuneSpec, metric: str,
+                 folder: Path, head_init: str, device: torch.device, seed: int, data_workers: int, progress: bool,
+                 stop: threading.Event | None) -> None:
+        self.target, self.data, self.params, self.spec, self.metric = target, data, params, spec, metric
+        self.opts = spec.train
+        self.folder, self.device, self.seed = folder, device, seed
+        self.data_workers, self.progress, self.stop = data_workers, progress, stop
+        self.model, self.head_config, self.head_source = build_classifier(
+            target, head_init=head_init, train_features=data.train_features, drop_rate=params.drop_rate,
+            drop_path_rate=params.drop_path_rate, seed=seed)
+        self.blocks = backbone_blocks(self.model.backbone, max_blocks=self.opts.max_blocks)
+        schedule = default_schedule(params.frozen_epochs, params.last_block_epochs, params.final_lr_scale)
+        self.unfreezer = ProgressiveUnfreezer(
+            self.model.backbone, self.model.head, self.blocks, schedule, base_lr=params.lr,
+            layer_decay=params.layer_decay, weight_decay=params.weight_decay, optimizer=self.opts.optimizer,
+            freeze_bn_stats=self.opts.freeze_bn_stats)
+        self.model.to(device)
+        self.cuda = device.type == "cuda"
+        if self.cuda and self.opts.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        num_classes = len(data.classes)
+        weight = class_weights(data.train_labels, num_classes).to(device) if self.opts.class_weighted else None
+        self.criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=params.label_smoothing)
+        self.eval_criterion = torch.nn.CrossEntropyLoss(weight=weight)
+        # float16 autocast needs loss scaling; bfloat16 (preferred where supported) does not.
+        use_scaler = self.cuda and self.opts.amp and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.train_tf = train_transform(target.data_config, spec.augment)
+        self.eval_tf = eval_transform(target.data_config)
+        self.steps_per_epoch = max(1, math.ceil(len(data.splits["train"].paths) / params.batch_size))
+        self.history: list[dict[str, Any]] = []
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.best_val: dict[str, float] = {}
+        self.bad_epochs = 0
+        self.start_epoch = 0
+
+    # ------------------------------------------------------------------ plumbing
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise StudyStopped
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device) if self.cuda and self.opts.amp else contextlib.nullcontext()
+
+    def _set_lr(self, epoch: int, step: int, steps: int) -> None:
+        t = epoch + step / max(1, steps)
+        self.unfreezer.set_lr(self.params.lr * base_lr_factor(t, warmup=self.opts.warmup_epochs, total=self.opts.epochs))
+
+    def _optimizer_step(self) -> None:
+        opt = self.unfreezer.optimizer
+        if self.opts.clip_grad > 0:
+            self.scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.opts.clip_grad)
+        self.scaler.step(opt)
+        self.scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    def _backward(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        if not torch.isfinite(loss):
+            raise TrialFailed(f"diverged: non-finite training loss ({loss.item()}) at epoch {epoch}, step {step}")
+        self.scaler.scale(loss / self.opts.accum_steps).backward()
+
+    # ------------------------------------------------------------------ one epoch
+    def _train_from_cache(self, epoch: int) -> float:
+        """The backbone is frozen: its outputs are the cached features, so only the head runs."""
+        head = self.model.head
+        head.train()
+        x_all = torch.as_tensor(self.data.train_features, dtype=torch.float32, device=self.device)
+        y_all = torch.as_tensor(self.data.train_labels, device=self.device)
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        order = torch.randperm(len(x_all), generator=g).to(self.device)
+        bs = self.params.batch_size
+        steps = math.ceil(len(order) / bs)
+        total, n = 0.0, 0
+        for step in range(steps):
+            self._check_stop()
+            self._set_lr(epoch, step, steps)
+            idx = order[step * bs:(step + 1) * bs]
+            # The backbone's own head dropout (timm's drop_rate), which the cached features skipped.
+            x = F.dropout(x_all[idx], p=self.params.drop_rate, training=True)
+            loss = self.criterion(head(x), y_all[idx])
+            self._backward(loss, epoch, step)
+            if (step + 1) % self.opts.accum_steps == 0 or step + 1 == steps:
+                self._optimizer_step()
+            total += loss.item() * len(idx)
+            n += len(idx)
+        return total / max(1, n)
+
+    def _train_on_images(self, epoch: int) -> float:
+        self.unfreezer.train()
+        loader = image_loader(self.data.splits["train"], self.train_tf, batch_size=self.params.batch_size, shuffle=True,
+                              workers=self.data_workers, seed=self.seed * 1000 + epoch, pin_memory=self.cuda)
+        steps = len(loader)
+        total, n = 0.0, 0
+        bar = tqdm(loader, desc=f"  epoch {epoch + 1}/{self.opts.epochs}", unit="batch", leave=False,
+                   disable=not self.progress, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            self._check_stop()
+            self._set_lr(epoch, step, steps)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.cuda and self.opts.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                loss = self.criterion(self.model(x), y)
+            self._backward(loss.float(), epoch, step)
+            if (step + 1) % self.opts.accum_steps == 0 or step + 1 == steps:
+                self._optimizer_step()
+            total += loss.item() * len(y)
+            n += len(y)
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        bar.close()
+        return total / max(1, n)
+
+    @torch.no_grad()
+    def _validate(self, from_cache: bool) -> tuple[float, np.ndarray]:
+        if from_cache:
+            self.model.head.eval()
+            x = torch.as_tensor(self.data.val_features, dtype=torch.float32, device=self.device)
+            logits = self.model.head(x).float()
+            y = torch.as_tensor(self.data.val_labels, device=self.device)
+        else:
+            logits, y = predict_logits(self.model, self.data.splits["val"], self.eval_tf, device=self.device,
+                                       batch_size=self.opts.eval_batch_size, workers=self.data_workers,
+                                       amp=self.opts.amp, channels_last=self.opts.channels_last)
+        loss = self.eval_criterion(logits, y).item()
+        return loss, logits.softmax(1).cpu().numpy()
+
+    # ------------------------------------------------------------------ state
+    def _checkpoint_info(self, epoch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "params": self.params.to_dict(), "metric": self.metric, "val_metric": self.best,
+                "head_source": self.head_source}
+
+    def _save_last(self, epoch: int) -> None:
+        path = self.folder / "last.pt"
+        tmp = path.with_name("last.pt.tmp")
+        torch.save({"epoch": epoch, "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                    "optimizer": self.unfreezer.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                    "best": self.best, "best_epoch": self.best_epoch, "best_val": self.best_val,
+                    "bad_epochs": self.bad_epochs, "history": self.history, "params": self.params.to_dict()}, tmp)
+        os.replace(tmp, path)
+
+    def resume(self) -> None:
+        """Continue after the last finished epoch of an interrupted run of this same trial."""
+        path = self.folder / "last.pt"
+        if not path.is_file():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("params") != self.params.to_dict():
+            log.warning("%s: last.pt belongs to other hyperparameters; starting the trial over", self.folder)
+            return
+        epoch = int(state["epoch"])
+        self.unfreezer.apply(epoch)  # the parameter groups as they were when it was saved
+        self.model.load_state_dict(state["model"])
+        self.unfreezer.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best, self.best_epoch, self.best_val = state["best"], state["best_epoch"], dict(state["best_val"])
+        self.bad_epochs, self.history = int(state["bad_epochs"]), list(state["history"])
+        self.start_epoch = epoch + 1
+        log.info("%s: resuming after epoch %d", self.folder.name, epoch)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrialOutcome:
+        t0 = time.perf_counter()
+        self.resume()
+        stopped_early = self.bad_epochs >= self.opts.patience
+        for epoch in range(self.start_epoch, self.opts.epochs):
+            if stopped_early:
+                break
+            te = time.perf_counter()
+            self.unfreezer.apply(epoch)
+            frozen = self.unfreezer.unfrozen == 0
+            train_loss = self._train_from_cache(epoch) if frozen else self._train_on_images(epoch)
+            val_loss, proba = self._validate(from_cache=frozen)
+            if not math.isfinite(val_loss):
+                raise TrialFailed(f"diverged: non-finite validation loss at epoch {epoch}")
+            value = fast_metric(self.metric, self.data.val_labels, proba)
+            accuracy = fast_metric("accuracy", self.data.val_labels, proba)
+            lrs = [g["lr"] for g in self.unfreezer.optimizer.param_groups]
+            row = {"epoch": epoch, "stage_blocks": self.unfreezer.unfrozen, "trainable_blocks":
+                   "; ".join(self.unfreezer.trainable_blocks()) or "head only", "source": "cache" if frozen else "images",
+                   "lr_head": self.unfreezer.optimizer.param_groups[0]["lr"], "lr_min": min(lrs), "lr_max": max(lrs),
+                   "train_loss": train_loss, "val_loss": val_loss, f"val_{self.metric}": value, "val_accuracy": accuracy,
+                   "seconds": time.perf_counter() - te}
+            self.history.append(row)
+            if _better(self.metric, value, self.best):
+                self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+                self.best_val = {self.metric: value, "accuracy": accuracy, "loss": val_loss}
+                save_checkpoint(self.folder / "best_model.pt", self.model, self.head_config, record=self.target.record,
+                                info=self._checkpoint_info(epoch))
+            else:
+                self.bad_epochs += 1
+            write_csv(self.folder / "metrics.csv", self.history)
+            self._save_last(epoch)
+            log.debug("%s epoch %d: %s", self.folder.name, epoch, row)
+            stopped_early = self.bad_epochs >= self.opts.patience
+        if not self.opts.keep_last:
+            (self.folder / "last.pt").unlink(missing_ok=True)
+        return TrialOutcome("ok", self.best, self.best_epoch, len(self.history), time.perf_counter() - t0,
+                            val=self.best_val, head_source=self.head_source)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, split: Split, transform: Any, *, device: torch.device, batch_size: int,
+                   workers: int, amp: bool = True, channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32) and labels of every image of ``split``, in order, through the whole model."""
+    model.eval()
+    cuda = device.type == "cuda"
+    loader = image_loader(split, transform, batch_size=batch_size, shuffle=False, workers=workers, seed=0,
+                          pin_memory=cuda)
+    out, labels = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if cuda and channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device) if cuda and amp else contextlib.nullcontext():
+            out.append(model(x).float())
+        labels.append(y.to(device))
+    return torch.cat(out), torch.cat(labels)
+
+
+def run_trial(*, target: Target, data: FinetuneData, params: TrialParams, spec: FinetuneSpec, metric: str, folder: Path,
+              head_init: str = "probe", device: torch.device, seed: int = 0, data_workers: int = 0,
+              progress: bool = False, stop: threading.Event | None = None) -> TrialOutcome:
+    """Train one configuration in ``folder``; a failure is returned as a failed outcome, never raised.
+
+    :class:`StudyStopped` and ``KeyboardInterrupt`` propagate: the trial is unfinished, not failed.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "backbone": target.name, "params": params.to_dict(), "train": spec.to_dict()["train"],
+        "augment": spec.to_dict()["augment"], "metric": metric, "head": head_init, "seed": seed,
+        "device": str(device)}, indent=2))
+    t0 = time.perf_counter()
+    trial = None
+    try:
+        trial = _Trial(target=target, data=data, params=params, spec=spec, metric=metric, folder=folder,
+                       head_init=head_init, device=device, seed=seed, data_workers=data_workers, progress=progress,
+                       stop=stop)
+        return trial.run()
+    except (StudyStopped, KeyboardInterrupt):
+        raise
+    except TrialFailed as exc:
+        reason = str(exc)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            reason = f"out of memory (batch size {params.batch_size}): {str(exc).splitlines()[0]}"
+            empty_cache(device)
+        else:
+            reason = f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.debug("trial in %s crashed", folder, exc_info=True)
+    (folder / "last.pt").unlink(missing_ok=True)
+    epochs = len(trial.history) if trial is not None else 0
+    return TrialOutcome("failed", None, epochs=epochs, seconds=time.perf_counter() - t0, reason=reason,
+                        head_source=trial.head_source if trial is not None else "")

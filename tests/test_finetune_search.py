@@ -1,0 +1,175 @@
+"""The search around Nevergrad: config checks, failed trials, resume, workers. Objectives here are cheap functions."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import nevergrad as ng
+import pytest
+
+from extract.config import ConfigError
+from finetune.search import Study, StudyError
+from finetune.space import load_spec
+from finetune.trainer import TrialOutcome
+
+
+def score(point: dict) -> float:
+    """A smooth 'validation metric' with its optimum at lr 1e-4, weight decay 0.05."""
+    return 1 - 0.05 * (math.log10(point["lr"]) + 4) ** 2 - (point["weight_decay"] - 0.05) ** 2
+
+
+def ok(n: int, point: dict, stop: threading.Event) -> TrialOutcome:
+    return TrialOutcome("ok", score(point), best_epoch=1, epochs=2, seconds=0.0)
+
+
+def events(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- the config
+
+
+def test_shipped_spec_and_parametrization() -> None:
+    spec = load_spec()
+    names = {d.name for d in spec.space}
+    assert {"lr", "weight_decay", "layer_decay", "drop_path_rate", "label_smoothing", "frozen_epochs",
+            "last_block_epochs", "batch_size"} <= names
+    param = spec.parametrization(0)
+    assert isinstance(param["batch_size"], ng.p.TransitionChoice)  # ordered, not a noisy random choice
+    assert isinstance(param["lr"], ng.p.Log)
+    value = param.spawn_child().value
+    assert isinstance(value["frozen_epochs"], int) and value["batch_size"] in (16, 32, 64, 128)
+    assert spec.params(spec.default_point()) == spec.defaults
+
+
+@pytest.mark.parametrize("overlay, message", [
+    ({"train": {"epoch": 3}}, "train: unknown key(s) epoch"),
+    ({"train": {"epochs": 0}}, "train.epochs"),
+    ({"defaults": {"lr": "fast"}}, "defaults.lr"),
+    ({"space": {"learning_rate": {"log": [1e-5, 1e-2]}}}, "space.learning_rate: not a searchable"),
+    ({"space": {"lr": {"log": [1e-2, 1e-5]}}}, "space.lr: need low < high"),
+    ({"space": {"lr": {"log": [1e-2, 1e-1]}}}, "the default 0.0001 (defaults.lr) lies outside"),
+    ({"space": {"batch_size": {"ordered": [8, 16]}}}, "the default 32 (defaults.batch_size) is not among"),
+    ({"space": {"frozen_epochs": {"float": [0, 3]}}}, "frozen_epochs is an integer"),
+    ({"space": {"lr": {"uniform": [0, 1]}}}, "space.lr: expected one of"),
+    ({"trian": {}}, "unknown section 'trian'"),
+])
+def test_bad_spec_names_the_key(overlay: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_spec(overlay=overlay)
+
+
+def test_overlay_merges_sections_and_replaces_the_space(tmp_path: Path) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text("train: {epochs: 4}\nspace: {lr: {log: [1.0e-5, 1.0e-3]}}\n")
+    spec = load_spec(path, {"augment": {"hflip": 0.0}})
+    assert spec.train.epochs == 4 and spec.train.patience == 3  # merged key by key
+    assert [d.name for d in spec.space] == ["lr"]  # replaced whole
+    assert spec.augment.hflip == 0.0 and spec.augment.color_jitter == 0.4
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def test_first_trial_is_the_default_and_the_delegate_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spec = load_spec()
+    with caplog.at_level("INFO"):
+        study = Study(tmp_path / "s", spec, budget=4, metric="accuracy")
+        trials = study.run(ok)
+    assert trials[0].point == pytest.approx(spec.default_point())
+    assert study.delegate and "delegates to" in caplog.text
+    assert len(trials) == 4 and all(t.status == "ok" for t in trials)
+    assert study.best().metric == max(t.metric for t in trials)
+    assert [e["event"] for e in events(tmp_path / "s")].count("end") == 4
+
+
+def test_optimizer_none_and_random(tmp_path: Path) -> None:
+    spec = load_spec()
+    assert len(Study(tmp_path / "none", spec, optimizer="none", budget=10).run(ok)) == 1
+    random_trials = Study(tmp_path / "random", spec, optimizer="random", budget=3).run(ok)
+    assert random_trials[0].point == pytest.approx(spec.default_point())
+    assert len({json.dumps(t.point) for t in random_trials}) == 3
+
+
+def test_nan_and_failed_trials_do_not_stop_the_search(tmp_path: Path) -> None:
+    def objective(n: int, point: dict, stop: threading.Event) -> TrialOutcome:
+        if n == 1:
+            return TrialOutcome("ok", float("nan"))  # a diverged metric reported as if fine
+        if n == 2:
+            return TrialOutcome("failed", None, reason="diverged: non-finite training loss")
+        if n == 3:
+            raise RuntimeError("boom")  # an objective that crashes outright
+        return ok(n, point, stop)
+
+    study = Study(tmp_path / "s", load_spec(), budget=6)
+    trials = study.run(objective)
+    assert [t.status for t in trials] == ["ok", "failed", "failed", "failed", "ok", "ok"]
+    assert "non-finite validation" in trials[1].reason and "boom" in trials[3].reason
+    finished = [t.loss for t in trials if t.status == "ok"]
+    # Each failure is told a loss worse than every trial finished before it.
+    assert all(t.loss > max(x.loss for x in trials[: t.number] if x.status == "ok") for t in trials if t.status == "failed")
+    assert study.best().loss == min(finished)
+
+
+def test_interrupted_study_resumes_without_repeating_trials(tmp_path: Path) -> None:
+    spec = load_spec()
+    reference = Study(tmp_path / "ref", spec, budget=7).run(ok)
+
+    calls: list[int] = []
+
+    def interrupted(n: int, point: dict, stop: threading.Event) -> TrialOutcome:
+        if n == 4:
+            raise KeyboardInterrupt  # killed while trial 4 runs
+        calls.append(n)
+        return ok(n, point, stop)
+
+    with pytest.raises(KeyboardInterrupt):
+        Study(tmp_path / "s", spec, budget=7).run(interrupted)
+    assert calls == [0, 1, 2, 3]
+    # A kill can cut the last line in half; it is ignored.
+    with open(tmp_path / "s" / "trials.jsonl", "a") as fh:
+        fh.write('{"event": "end", "tri')
+    calls.clear()
+    resumed = Study(tmp_path / "s", spec, budget=7).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
+    assert calls == [4, 5, 6]  # trial 4 runs again, nothing finished is repeated
+    # The optimizer's state was restored exactly: the same points as an uninterrupted study.
+    assert [t.point for t in resumed] == [t.point for t in reference]
+    assert [t.metric for t in resumed] == [t.metric for t in reference]
+
+
+def test_changed_search_options_refuse_to_continue(tmp_path: Path) -> None:
+    spec = load_spec()
+    Study(tmp_path / "s", spec, budget=2).run(ok)
+    with pytest.raises(StudyError, match="other search options.*--restart"):
+        Study(tmp_path / "s", spec, budget=2, optimizer="random").run(ok)
+    other = load_spec(overlay={"space": {"lr": {"log": [1e-5, 1e-3]}}})
+    with pytest.raises(StudyError, match="space"):
+        Study(tmp_path / "s", other, budget=2).run(ok)
+
+
+def test_workers_run_trials_at_once_but_never_more(tmp_path: Path) -> None:
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def slow(n: int, point: dict, stop: threading.Event) -> TrialOutcome:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return ok(n, point, stop)
+
+    study = Study(tmp_path / "s", load_spec(), budget=7, workers=3)
+    trials = study.run(slow)
+    assert len(trials) == 7 and peak[0] == 3
+    log = events(tmp_path / "s")
+    open_asks = 0
+    for e in log[1:]:
+        open_asks += 1 if e["event"] == "start" else -1
+        assert open_asks <= 3
+    assert log[0]["workers"] == 3

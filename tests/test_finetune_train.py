@@ -1,0 +1,261 @@
+"""Stage two on a tiny model and a tiny dataset: head from stage one, cache-fed frozen phase, trials, the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import finetune.trainer as trainer_module
+from cache import open_cache
+from extract.pipeline import extract_features
+from finetune.cli import main as finetune_main
+from finetune.data import eval_transform, load_data
+from finetune.model import build_classifier, load_checkpoint
+from finetune.pipeline import select_targets
+from finetune.space import load_spec
+from finetune.trainer import StudyStopped, run_trial
+from probe.pipeline import run_probe
+
+GRID = """
+train: {batch_size: 16, warmup_epochs: 1, standardize: true}
+heads:
+  linear: {lr: [0.01], weight_decay: [0.001], epochs: [10], patience: [5]}
+default: {type: linear, lr: 0.01, weight_decay: 0.001, epochs: 10, patience: 5}
+"""
+SEARCH = {"train": {"epochs": 3, "eval_batch_size": 16, "patience": 3},
+          "defaults": {"frozen_epochs": 1, "last_block_epochs": 1, "batch_size": 8},
+          "augment": {"hflip": 0.0, "color_jitter": 0.0, "scale": [0.6, 1.0]},
+          "gradcam": {"images": 4},
+          "space": {"lr": {"log": [1e-5, 1e-2]}, "batch_size": {"ordered": [4, 8, 16]}, "frozen_epochs": {"int": [0, 2]}}}
+
+
+def blob_images(root: Path, per_class: int = 16, size: int = 40) -> Path:
+    """Three classes told apart by where a bright blob sits, with noise: learnable, not trivial."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for c, (cx, cy) in enumerate([(0.25, 0.25), (0.75, 0.5), (0.3, 0.8)]):
+        for i in range(per_class):
+            blob = np.exp(-((xx - cx - rng.normal(0, 0.05)) ** 2 + (yy - cy) ** 2) / 0.02)
+            img = np.clip(blob[..., None] * [220, 180, 90] + rng.normal(40, 20, (size, size, 3)), 0, 255)
+            path = root / f"class{c}" / f"{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.astype(np.uint8)).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """extract (float32 cache, so logits compare tightly) and probe, as stage one leaves them."""
+    base = tmp_path_factory.mktemp("finetune")
+    data = blob_images(base / "images")
+    grid = base / "grid.yaml"
+    grid.write_text(GRID)
+    work = base / "run"
+    extract_features(data=str(data), backbones=["test_resnet.r160_in1k"], workdir=work, pretrained=False,
+                     image_sizes=[48], batch_size=16, workers=0, device="cpu", progress=False, dtype="float32")
+    run_probe(workdir=work, grid=False, grid_file=grid, device="cpu", n_boot=50, progress=False)
+    return work
+
+
+@pytest.fixture(scope="module")
+def target_and_data(workdir: Path):
+    targets, metric = select_targets(workdir, top=1, backbones=None, metric=None)
+    return targets[0], load_data(workdir, targets[0].cache), metric
+
+
+def trial(target_and_data, folder: Path, **overlay) -> trainer_module.TrialOutcome:
+    target, data, metric = target_and_data
+    spec = load_spec(overlay={**SEARCH, **overlay})
+    return run_trial(target=target, data=data, params=spec.defaults, spec=spec, metric=metric, folder=folder,
+                     device=torch.device("cpu"), seed=0)
+
+
+def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
+    target, data, _ = target_and_data
+    model, config, source = build_classifier(target, head_init="probe", train_features=data.train_features,
+                                             drop_path_rate=0.1)
+    assert source.startswith("probe (linear")
+    tf = eval_transform(target.data_config)
+    val = data.splits["val"]
+    from extract.images import load_rgb
+
+    x = torch.stack([tf(load_rgb(p)) for p in val.paths])
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+        expected = model.head(torch.as_tensor(data.val_features))
+    assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    # ... and those are the probe's own logits: the saved head on the cached features.
+    from probe.classifier import load_head
+
+    head, _ = load_head(target.head_file)
+    with torch.no_grad():
+        assert torch.equal(head(torch.as_tensor(data.val_features)), expected)
+    random_model, _, random_source = build_classifier(target, head_init="random", train_features=data.train_features)
+    assert random_source == "random"
+    assert not torch.allclose(random_model.head.fc.weight, model.head.fc.weight)
+
+
+def test_trial_trains_stages_writes_outputs_and_reloads(target_and_data, tmp_path: Path) -> None:
+    outcome = trial(target_and_data, tmp_path / "t")
+    assert outcome.status == "ok", outcome.reason
+    rows = (tmp_path / "t" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"epoch", "trainable_blocks", "lr_head", "lr_min", "train_loss", "val_loss", "val_macro_f1"} <= set(header)
+    sources = [r.split(",")[header.index("source")] for r in rows[1:]]
+    assert sources == ["cache", "images", "images"]  # head only from the cache; then through the model
+    blocks = [int(r.split(",")[header.index("stage_blocks")]) for r in rows[1:]]
+    assert blocks[0] == 0 and blocks[1] == 1 and blocks[2] > 1
+    assert not (tmp_path / "t" / "last.pt").exists()  # removed once the trial ended (keep_last: false)
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["params"]["frozen_epochs"] == 1 and config["augment"]["hflip"] == 0.0
+    ckpt = torch.load(tmp_path / "t" / "best_model.pt", weights_only=True)
+    assert ckpt["epoch"] == outcome.best_epoch and ckpt["val_metric"] == pytest.approx(outcome.metric)
+    model, _ = load_checkpoint(tmp_path / "t" / "best_model.pt")
+    target, data, _ = target_and_data
+    from finetune.trainer import predict_logits
+
+    logits, labels = predict_logits(model, data.splits["val"], eval_transform(target.data_config),
+                                    device=torch.device("cpu"), batch_size=8, workers=0)
+    from probe.metrics import fast_metric
+
+    assert fast_metric("macro_f1", labels.numpy(), logits.softmax(1).numpy()) == pytest.approx(outcome.metric)
+
+
+def test_frozen_phase_never_runs_the_backbone(target_and_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_images(*args, **kwargs):
+        raise AssertionError("an image was loaded while the backbone is frozen")
+
+    monkeypatch.setattr(trainer_module, "image_loader", no_images)
+    monkeypatch.setattr(trainer_module, "predict_logits", no_images)
+    outcome = trial(target_and_data, tmp_path / "t", defaults={**SEARCH["defaults"], "frozen_epochs": 3}, space={})
+    assert outcome.status == "ok", outcome.reason
+    assert outcome.epochs == 3
+
+
+def test_diverging_trial_is_recorded_as_failed(target_and_data, tmp_path: Path) -> None:
+    outcome = trial(target_and_data, tmp_path / "t", defaults={**SEARCH["defaults"], "lr": 1e30}, space={})
+    assert outcome.status == "failed" and outcome.reason.startswith("diverged: non-finite")
+
+
+def test_interrupted_trial_resumes_at_the_next_epoch(target_and_data, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    stop = threading.Event()
+    written = []
+    real_write = trainer_module.write_csv
+
+    def write_then_stop(path, rows):
+        real_write(path, rows)
+        written.append(len(rows))
+        if len(rows) == 2:
+            stop.set()  # the study is being shut down after epoch 1
+
+    monkeypatch.setattr(trainer_module, "write_csv", write_then_stop)
+    target, data, metric = target_and_data
+    spec = load_spec(overlay={**SEARCH, "train": {**SEARCH["train"], "patience": 5}})
+    kwargs = dict(target=target, data=data, params=spec.defaults, spec=spec, metric=metric, folder=tmp_path / "t",
+                  device=torch.device("cpu"), seed=0)
+    with pytest.raises(StudyStopped):
+        run_trial(**kwargs, stop=stop)
+    assert (tmp_path / "t" / "last.pt").is_file()
+    before = (tmp_path / "t" / "metrics.csv").read_text().splitlines()
+    outcome = run_trial(**kwargs)
+    after = (tmp_path / "t" / "metrics.csv").read_text().splitlines()
+    assert outcome.status == "ok" and outcome.epochs == 3
+    assert after[:3] == before  # the first two epochs were kept, not trained again
+    assert written == [1, 2, 3]
+
+
+def test_command_end_to_end_and_rerun_continues(workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    config = tmp_path / "exp.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({"finetune": {"top": 1, "budget": 2, "search": SEARCH, "bootstrap": 50,
+                                                   "data_workers": 0}}))
+    args = ["--workdir", str(work), "--config", str(config), "--no-progress"]
+    assert finetune_main(args) == 0
+    out = work / "finetune"
+    slug = "test_resnet.r160_in1k@48"
+    for rel in (f"{slug}/trials.jsonl", f"{slug}/study.json", f"{slug}/trial-000/config.json",
+                f"{slug}/trial-000/metrics.csv", f"{slug}/trial-000/best_model.pt", f"{slug}/trial-001/config.json",
+                f"best/{slug}/best_model.pt", f"best/{slug}/metrics.json", f"best/{slug}/confusion.png",
+                f"best/{slug}/model.onnx", "summary.md", "summary.json", "search.png", f"gradcam/{slug}.png",
+                f"gradcam/{slug}-probe.png"):
+        assert (out / rel).is_file(), rel
+    study = json.loads((out / slug / "study.json").read_text())
+    assert len(study["trials"]) == 2 and study["best"] is not None and study["delegate"]
+    best = json.loads((out / "best" / slug / "metrics.json").read_text())
+    assert best["trial"] == study["best"]["trial"]
+    test = best["test"]
+    assert {"accuracy", "macro_f1", "roc_auc", "log_loss", "confusion", "per_class"} <= set(test)
+    lo, hi = best["test_ci"]["macro_f1"]
+    assert lo <= test["macro_f1"] <= hi
+    assert best["latency"]["max_rel_error"] < 1e-3 and best["latency"]["p50_ms"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "probe val macro_f1" in summary and "RANDOM" in summary
+    assert slug.split("@")[0] in capsys.readouterr().out
+    # The same command again: every trial is finished, nothing trains or is tested again.
+    lines = (out / slug / "trials.jsonl").read_text()
+    mtime = (out / "best" / slug / "metrics.json").stat().st_mtime_ns
+    assert finetune_main(args) == 0
+    assert (out / slug / "trials.jsonl").read_text() == lines
+    assert (out / "best" / slug / "metrics.json").stat().st_mtime_ns == mtime
+    # Other search options on the same study: refused with what to do.
+    assert finetune_main(args + ["--optimizer", "random"]) == 2
+    assert "--restart" in capsys.readouterr().err
+
+
+def test_killed_study_resumes_where_it_stopped(workdir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    args = ["--workdir", str(work), "--budget", "4", "--epochs", "2", "--gradcam-images", "0", "--no-latency",
+            "--no-progress", "--data-workers", "0", "--bootstrap", "20", "--space", str(tmp_path / "s.yaml")]
+    (tmp_path / "s.yaml").write_text(json.dumps({k: SEARCH[k] for k in ("defaults", "augment", "space")}))
+    log = work / "finetune" / "test_resnet.r160_in1k@48" / "trials.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=Path(__file__).parents[1],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and '"event": "end"' in log.read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = [json.loads(x) for x in log.read_text().splitlines() if '"end"' in x]
+    assert finished, "the study was killed before any trial finished"
+    assert len(finished) < 4, "the study finished before it could be killed"
+    first = (work / "finetune" / "test_resnet.r160_in1k@48" / "trial-000" / "metrics.csv").read_text()
+    assert finetune_main(args) == 0
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    ends = [e["trial"] for e in events if e["event"] == "end"]
+    assert sorted(ends) == [0, 1, 2, 3]  # none repeated, none lost
+    assert (work / "finetune" / "test_resnet.r160_in1k@48" / "trial-000" / "metrics.csv").read_text() == first
+
+
+def test_clear_errors_without_probe_results(tmp_path: Path, workdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert finetune_main(["--workdir", str(tmp_path / "empty"), "--no-progress"]) == 2
+    assert "python -m probe" in caplog.text
+    caplog.clear()
+    assert finetune_main(["--workdir", str(workdir), "--backbones", "vit_huge*", "--no-progress"]) == 2
+    assert "matches nothing the probe ranked" in caplog.text
+    with open_cache(next((workdir / "features").glob("*.h5"))) as fc:
+        assert fc.num_rows == 48
