@@ -27,11 +27,14 @@ demo: setup
 	$(PY) -m probe --config configs/demo.yaml
 	$(PY) -m profiling --config configs/demo.yaml
 	$(PY) -m probe --config configs/demo.yaml --report-only
-	@echo "Demo outputs in runs/demo/: probe/leaderboard.md, probe/results.csv, probe/confusion/, profiling/performance.csv, profiling/pareto.png"
+	$(PY) -m finetune --config configs/demo.yaml
+	@echo "Demo outputs in runs/demo/: probe/leaderboard.md, probe/results.csv, probe/confusion/, profiling/performance.csv, profiling/pareto.png, finetune/summary.md, finetune/search.png, finetune/best/, finetune/gradcam/"
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/extract_overhead.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/probe_vs_naive.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/search_nevergrad_vs_random.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/frozen_phase_cache.py
 
 clean:
 	rm -rf runs/demo

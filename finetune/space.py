@@ -41,6 +41,7 @@ class TrainOptions:
     class_weighted: bool = False
     max_blocks: int = 4
     freeze_bn_stats: bool = False
+    frozen_from_cache: bool = True
     amp: bool = True
     channels_last: bool = True
     eval_batch_size: int = 128

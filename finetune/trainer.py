@@ -245,16 +245,16 @@ class _Trial:
                 break
             te = time.perf_counter()
             self.unfreezer.apply(epoch)
-            frozen = self.unfreezer.unfrozen == 0
-            train_loss = self._train_from_cache(epoch) if frozen else self._train_on_images(epoch)
-            val_loss, proba = self._validate(from_cache=frozen)
+            from_cache = self.unfreezer.unfrozen == 0 and self.opts.frozen_from_cache
+            train_loss = self._train_from_cache(epoch) if from_cache else self._train_on_images(epoch)
+            val_loss, proba = self._validate(from_cache=from_cache)
             if not math.isfinite(val_loss):
                 raise TrialFailed(f"diverged: non-finite validation loss at epoch {epoch}")
             value = fast_metric(self.metric, self.data.val_labels, proba)
             accuracy = fast_metric("accuracy", self.data.val_labels, proba)
             lrs = [g["lr"] for g in self.unfreezer.optimizer.param_groups]
             row = {"epoch": epoch, "stage_blocks": self.unfreezer.unfrozen, "trainable_blocks":
-                   "; ".join(self.unfreezer.trainable_blocks()) or "head only", "source": "cache" if frozen else "images",
+                   "; ".join(self.unfreezer.trainable_blocks()) or "head only", "source": "cache" if from_cache else "images",
                    "lr_head": self.unfreezer.optimizer.param_groups[0]["lr"], "lr_min": min(lrs), "lr_max": max(lrs),
                    "train_loss": train_loss, "val_loss": val_loss, f"val_{self.metric}": value, "val_accuracy": accuracy,
                    "seconds": time.perf_counter() - te}

@@ -83,17 +83,19 @@ class ProgressiveUnfreezer:
         else:
             raise ValueError(f"optimizer: adamw or sgd, got {optimizer!r}")
         self.base_lr = base_lr
-        self._bn_block = self._batchnorm_blocks()
+        self._module_block = self._module_blocks()
         self.apply(0)
 
-    def _batchnorm_blocks(self) -> dict[nn.Module, int]:
+    def _module_blocks(self) -> list[tuple[nn.Module, int]]:
+        """Each module whose parameters all lie in one block (or in blocks nearer the stem), with the block
+        nearest the output among them: the module is frozen while that block is."""
         owner = {name: i for i, block in enumerate(self.blocks) for name in block.params}
-        out = {}
+        out = []
         for name, module in self.backbone.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                weight = f"{name}.weight" if name else "weight"
-                if weight in owner:
-                    out[module] = owner[weight]
+            prefix = f"{name}." if name else ""
+            blocks = [owner[prefix + n] for n, _ in module.named_parameters() if prefix + n in owner]
+            if blocks:
+                out.append((module, min(blocks)))
         return out
 
     def group_scale(self, depth: int) -> float:
@@ -124,13 +126,16 @@ class ProgressiveUnfreezer:
             group["lr"] = base_lr * group["lr_scale"]
 
     def train(self) -> None:
-        """Train mode, except BatchNorm in frozen blocks (all blocks with ``freeze_bn_stats``): their running
-        statistics must not move, and they normalise with them."""
+        """Train mode for what trains. Frozen blocks stay in eval mode, as when the cache was extracted:
+        BatchNorm keeps its running statistics, dropout and stochastic depth are off. With
+        ``freeze_bn_stats``, BatchNorm keeps its statistics in unfrozen blocks too."""
         self.backbone.train()
         self.head.train()
-        for module, block in self._bn_block.items():
-            if block >= self.unfrozen or self.freeze_bn_stats:
-                module.eval()
+        for module, block in self._module_block:
+            if block >= self.unfrozen:
+                module.train(False)  # all its parameters are frozen, so its whole subtree is
+            elif self.freeze_bn_stats and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train(False)
 
     def trainable_blocks(self) -> list[str]:
         return [b.name for b in self.blocks[: self.unfrozen]]

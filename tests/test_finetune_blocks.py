@@ -49,9 +49,15 @@ def test_unfreeze_schedule_learning_rates_and_frozen_batchnorm() -> None:
     from finetune.unfreeze import ALL, ProgressiveUnfreezer, Stage
 
     torch.manual_seed(0)
-    backbone = timm.create_model("test_resnet.r160_in1k", num_classes=0)
+    backbone = timm.create_model("test_resnet.r160_in1k", num_classes=0, drop_path_rate=0.2)
     head = torch.nn.Linear(backbone.num_features, 3)
     blocks = backbone_blocks(backbone, max_blocks=3)
+    owner = {n: i for i, b in enumerate(blocks) for n in b.params}
+    batchnorms = [(m, owner[f"{name}.weight"]) for name, m in backbone.named_modules()
+                  if isinstance(m, torch.nn.BatchNorm2d)]
+    drop_paths = [(m, owner[next(n for n in owner if n.startswith(name.rsplit(".", 1)[0] + "."))])
+                  for name, m in backbone.named_modules() if type(m).__name__ == "DropPath"]
+    assert drop_paths
     schedule = [Stage(0, 0, 1.0), Stage(2, 1, 1.0), Stage(4, ALL, 0.1)]
     u = ProgressiveUnfreezer(backbone, head, blocks, schedule, base_lr=1e-3, layer_decay=0.5, weight_decay=0.05)
     all_params = {id(p): n for n, p in backbone.named_parameters()}
@@ -70,10 +76,12 @@ def test_unfreeze_schedule_learning_rates_and_frozen_batchnorm() -> None:
                 assert all(all_params[id(p)] in blocks[g["depth"] - 1].params for p in g["params"])
         assert all(g["weight_decay"] == 0.0 for g in u.optimizer.param_groups if all(p.ndim == 1 for p in g["params"]))
         # One training step: frozen blocks' BatchNorm statistics and weights must not move.
-        frozen_bn = [m for m, b in u._bn_block.items() if b >= u.unfrozen]
+        frozen_bn = [m for m, b in batchnorms if b >= u.unfrozen]
         before = [m.running_mean.clone() for m in frozen_bn]
         frozen_w = {n: p.detach().clone() for n, p in backbone.named_parameters() if not p.requires_grad}
         u.train()
+        # Frozen blocks run as when the cache was made: BatchNorm statistics, no stochastic depth.
+        assert all(m.training == (b < u.unfrozen) for m, b in batchnorms + drop_paths)
         loss = torch.nn.functional.cross_entropy(head(backbone(torch.randn(4, 3, 64, 64))), torch.tensor([0, 1, 2, 0]))
         u.optimizer.zero_grad()
         loss.backward()
