@@ -20,10 +20,11 @@ from torch import nn
 
 from cache.schema import safe_name
 from extract.models import backbone_from_record, create_backbone
+from finetune.data import FinetuneData
 from probe.classifier import ProbeClassifier, load_head
-from probe.grid import HeadConfig
+from probe.grid import HeadConfig, load_grid
 from probe.heads import build_head, head_checkpoint, head_from_checkpoint
-from probe.train import feature_stats
+from probe.train import feature_stats, train_grid
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,20 @@ def random_linear_head(features: np.ndarray, num_classes: int, seed: int) -> tup
     return build_head(config, features.shape[1], num_classes, mean, std), config
 
 
-def build_classifier(target: Target, *, head_init: str, train_features: np.ndarray, drop_rate: float = 0.0,
-                     drop_path_rate: float = 0.0, seed: int = 0) -> tuple[ProbeClassifier, HeadConfig, str]:
+def linear_probe_head(data: FinetuneData, metric: str, seed: int) -> tuple[nn.Module, HeadConfig]:
+    """The probe's default linear head, trained on the cached features (about a second): the start when
+    the probe chose a head without weights (kNN)."""
+    grid = load_grid()
+    config = grid.default if grid.default.type == "linear" else HeadConfig(type="linear")
+    (trained,) = train_grid([config], x_train=data.train_features, y_train=data.train_labels, x_val=data.val_features,
+                            y_val=data.val_labels, num_classes=len(data.classes), metric=metric, options=grid.train,
+                            seed=seed, device=torch.device("cpu"))
+    return trained.head, config
+
+
+def build_classifier(target: Target, *, head_init: str, data: FinetuneData, metric: str = "macro_f1",
+                     drop_rate: float = 0.0, drop_path_rate: float = 0.0, seed: int = 0
+                     ) -> tuple[ProbeClassifier, HeadConfig, str]:
     """Backbone (frozen, eval) + head: the probe's chosen head, or a random linear one.
 
     Returns the classifier, the head's config and where the head came from.
@@ -99,11 +112,12 @@ def build_classifier(target: Target, *, head_init: str, train_features: np.ndarr
             if config.trainable:
                 source = f"probe ({config.name})"
             else:
-                log.warning("%s: the probe chose %s, which has no weights to fine-tune; starting from a random "
-                            "linear head", target.name, config.name)
-                head = None
+                log.info("%s: the probe chose %s, which has no weights to fine-tune; starting from the probe's "
+                         "default linear head, trained on the cache", target.name, config.name)
+                head, config = linear_probe_head(data, metric, seed)
+                source = f"linear probe ({config.name}; the probe chose {ckpt['config']['type']})"
         if head is None:
-            head, config = random_linear_head(train_features, num_classes, seed)
+            head, config = random_linear_head(data.train_features, num_classes, seed)
     return ProbeClassifier(backbone, head.train()), config, source
 
 

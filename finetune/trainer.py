@@ -81,7 +81,7 @@ class _Trial:
         self.folder, self.device, self.seed = folder, device, seed
         self.data_workers, self.progress, self.stop = data_workers, progress, stop
         self.model, self.head_config, self.head_source = build_classifier(
-            target, head_init=head_init, train_features=data.train_features, drop_rate=params.drop_rate,
+            target, head_init=head_init, data=data, metric=metric, drop_rate=params.drop_rate,
             drop_path_rate=params.drop_path_rate, seed=seed)
         self.blocks = backbone_blocks(self.model.backbone, max_blocks=self.opts.max_blocks)
         schedule = default_schedule(params.frozen_epochs, params.last_block_epochs, params.final_lr_scale)

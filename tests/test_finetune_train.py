@@ -82,8 +82,7 @@ def trial(target_and_data, folder: Path, **overlay) -> trainer_module.TrialOutco
 
 def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
     target, data, _ = target_and_data
-    model, config, source = build_classifier(target, head_init="probe", train_features=data.train_features,
-                                             drop_path_rate=0.1)
+    model, config, source = build_classifier(target, head_init="probe", data=data, drop_path_rate=0.1)
     assert source.startswith("probe (linear")
     tf = eval_transform(target.data_config)
     val = data.splits["val"]
@@ -101,7 +100,7 @@ def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
     head, _ = load_head(target.head_file)
     with torch.no_grad():
         assert torch.equal(head(torch.as_tensor(data.val_features)), expected)
-    random_model, _, random_source = build_classifier(target, head_init="random", train_features=data.train_features)
+    random_model, _, random_source = build_classifier(target, head_init="random", data=data)
     assert random_source == "random"
     assert not torch.allclose(random_model.head.fc.weight, model.head.fc.weight)
 
@@ -259,3 +258,21 @@ def test_clear_errors_without_probe_results(tmp_path: Path, workdir: Path, caplo
     assert "matches nothing the probe ranked" in caplog.text
     with open_cache(next((workdir / "features").glob("*.h5"))) as fc:
         assert fc.num_rows == 48
+
+
+def test_knn_probe_head_is_replaced_by_a_trained_linear_probe(workdir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    grid = tmp_path / "knn.yaml"
+    grid.write_text("heads: {knn: {k: [3]}}\ndefault: {type: knn, k: 3}\n")
+    run_probe(workdir=work, grid=False, grid_file=grid, device="cpu", n_boot=20, progress=False)
+    targets, metric = select_targets(work, top=1, backbones=None, metric=None)
+    assert targets[0].probe["head"].startswith("knn")
+    data = load_data(work, targets[0].cache)
+    model, config, source = build_classifier(targets[0], head_init="probe", data=data, metric=metric)
+    assert config.type == "linear" and source.startswith("linear probe") and "knn" in source
+    with torch.no_grad():
+        predicted = model.head.eval()(torch.as_tensor(data.val_features)).argmax(1).numpy()
+    assert (predicted == data.val_labels).mean() > 0.5  # trained on the cache, not a random start (3 classes)
