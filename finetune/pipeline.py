@@ -125,14 +125,17 @@ def _finish(target: Target, data: FinetuneData, study: Study, *, spec: FinetuneS
     checkpoint = best_dir / "best_model.pt"
     metrics_path = best_dir / "metrics.json"
     previous = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    fresh = previous.get("trial") == best.number and checkpoint.is_file() and previous.get("test") is not None
+    # Tested once: again only if another checkpoint is now the best (another trial, a restarted study).
+    stat = source.stat()
+    identity = {"file": str(source), "mtime_ns": stat.st_mtime_ns, "bytes": stat.st_size}
+    fresh = previous.get("source_checkpoint") == identity and checkpoint.is_file() and previous.get("test") is not None
     if not fresh:
         shutil.copy2(source, checkpoint)
         model, _ = load_checkpoint(checkpoint)
         log.info("%s: testing trial %d once on the test split", target.name, best.number)
         evaluated = evaluate_test(model, target=target, data=data, out=best_dir, metric=metric, device=device,
                                   n_boot=n_boot, seed=seed, workers=data_workers)
-        record = {"backbone": target.name, "trial": best.number, "params": best.point, "metric": metric,
+        record = {"backbone": target.name, "trial": best.number, "source_checkpoint": identity, "params": best.point, "metric": metric,
                   "val": best.metric, "best_epoch": best.best_epoch, **evaluated}
         if latency:
             try:

@@ -218,6 +218,11 @@ def test_command_end_to_end_and_rerun_continues(workdir: Path, tmp_path: Path, c
     # Other search options on the same study: refused with what to do.
     assert finetune_main(args + ["--optimizer", "random"]) == 2
     assert "--restart" in capsys.readouterr().err
+    # --restart keeps the old study aside, and the new best is tested, not the old result reused.
+    assert finetune_main(args + ["--optimizer", "random", "--restart"]) == 0
+    assert len(list(out.glob(f"{slug}.old-*"))) == 1
+    retested = json.loads((out / "best" / slug / "metrics.json").read_text())
+    assert retested["source_checkpoint"]["mtime_ns"] != best["source_checkpoint"]["mtime_ns"]
 
 
 def test_killed_study_resumes_where_it_stopped(workdir: Path, tmp_path: Path) -> None:
