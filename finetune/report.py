@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from extract.console import format_table  # noqa: E402
 from probe.metrics import METRICS  # noqa: E402
@@ -56,6 +57,7 @@ def plot_searches(studies: Sequence[dict[str, Any]], metric: str, path: Path) ->
             ax.axhline(study["probe_val"], ls="--", color="grey", lw=1, label="probe")
         ax.set_title(f"{study['name']}\n{study['optimizer']}", fontsize=9)
         ax.set_xlabel("trial")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"val {metric}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
