@@ -102,14 +102,12 @@ def _search(target: Target, data: FinetuneData, *, spec: FinetuneSpec, folder: P
     return study
 
 
-def _finish(target: Target, data: FinetuneData, study: Study, *, spec: FinetuneSpec, workdir: Path, metric: str,
-            device: torch.device, n_boot: int, seed: int, data_workers: int, latency: bool, provider: str
+def _finish(target: Target, data: FinetuneData, study: Study, *, trials: list[dict[str, Any]], workdir: Path,
+            metric: str, device: torch.device, n_boot: int, seed: int, data_workers: int, latency: bool, provider: str
             ) -> dict[str, Any]:
     """Test the best trial once, export and time it, explain it; returns its summary entry."""
     out = workdir / "finetune"
     name = target.slug
-    summary = study.summary()
-    trials = summary["trials"]
     result: dict[str, Any] = {
         "name": target.name, "optimizer": f"{study.kind}" + (f" ({study.delegate})" if study.kind == "nevergrad" and study.delegate else ""),
         "ok": sum(t["status"] == "ok" for t in trials), "failed": sum(t["status"] == "failed" for t in trials),
@@ -203,7 +201,7 @@ def run_finetune(*, workdir: Path, spec: FinetuneSpec, top: int = 3, backbones: 
         summary = study.summary()
         atomic_write_text(folder / "study.json", json.dumps({**summary, "backbone": target.name,
                                                              "head": head, "spec_source": spec.source}, indent=2))
-        result = _finish(target, data, study, spec=spec, workdir=workdir, metric=metric, device=dev, n_boot=n_boot,
+        result = _finish(target, data, study, trials=summary["trials"], workdir=workdir, metric=metric, device=dev, n_boot=n_boot,
                          seed=seed, data_workers=data_workers, latency=latency, provider=provider)
         _explain(target, data, spec=spec, workdir=workdir, device=dev, result=result)
         results.append(result)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,20 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from extract.console import format_table  # noqa: E402
+from probe.leaderboard import fmt_number  # noqa: E402
 from probe.metrics import METRICS  # noqa: E402
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def _with_ci(value: float | None, ci: Sequence[float] | None) -> str:
     if value is None:
         return ""
     if not ci or any(c is None for c in ci):
-        return _fmt(value)
+        return fmt_number(value)
     return f"{value:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
@@ -77,14 +71,14 @@ def summary_rows(results: Sequence[dict[str, Any]], metric: str) -> list[dict[st
         rows.append({
             "backbone": r["name"],
             "probe head": probe.get("head", ""),
-            f"probe val {metric}": _fmt(probe.get("val")),
+            f"probe val {metric}": fmt_number(probe.get("val")),
             f"probe test {metric}": _with_ci(probe.get("test"), probe.get("test_ci")),
-            f"fine-tuned val {metric}": _fmt(best.get("val")),
+            f"fine-tuned val {metric}": fmt_number(best.get("val")),
             f"fine-tuned test {metric}": _with_ci(best.get("test"), best.get("test_ci")),
             "trials ok/failed": f"{r['ok']}/{r['failed']}",
             "search": r["optimizer"],
-            "p50 ms (b1)": _fmt(latency.get("p50_ms"), 2),
-            "GFLOPs": _fmt(latency.get("gflops"), 2),
+            "p50 ms (b1)": fmt_number(latency.get("p50_ms"), 2),
+            "GFLOPs": fmt_number(latency.get("gflops"), 2),
         })
     return rows
 
@@ -101,7 +95,7 @@ def render_summary(results: Sequence[dict[str, Any]], *, metric: str, workdir: P
         best = r.get("best")
         lines.append(f"## {r['name']}")
         if best:
-            params = ", ".join(f"{k}={_fmt(v, 4) if isinstance(v, float) else v}" for k, v in best["params"].items())
+            params = ", ".join(f"{k}={fmt_number(v, 4) if isinstance(v, float) else v}" for k, v in best["params"].items())
             lines.append(f"- best trial {best['trial']:03d} (epoch {best.get('best_epoch')}): {params}")
             lines.append(f"- files: `{r['best_dir']}` (best_model.pt, metrics.json, confusion.png, model.onnx)")
         else:

@@ -21,14 +21,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nevergrad as ng
 
 from extract.config import ConfigError
-from finetune.space import FinetuneSpec, _plain
+from finetune.space import FinetuneSpec, plain_value
 from finetune.trainer import StudyStopped, TrialOutcome
 from probe.metrics import METRICS
 
@@ -52,7 +52,6 @@ class TrialRecord:
     reason: str | None = None
     seconds: float | None = None
     best_epoch: int | None = None
-    started: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
         return {"trial": self.number, "status": self.status, "metric": self.metric, "loss": self.loss,
@@ -160,7 +159,7 @@ class Study:
 
     @staticmethod
     def _point(candidate: ng.p.Parameter) -> dict[str, Any]:
-        return {k: _plain(v) for k, v in candidate.value.items()}
+        return {k: plain_value(v) for k, v in candidate.value.items()}
 
     def _replay(self, opt: ng.optimizers.base.Optimizer, events: list[dict[str, Any]]) -> dict[int, ng.p.Parameter]:
         """Feed the log back into ``opt``; returns the candidates of trials that never ended."""
@@ -174,7 +173,7 @@ class Study:
                     # A different library version asks differently: tell the recorded point as not-asked.
                     candidate = opt.parametrization.spawn_child(new_value=event["params"])
                 candidates[n] = candidate
-                self.trials[n] = TrialRecord(n, event["params"], started=event.get("time", 0.0))
+                self.trials[n] = TrialRecord(n, event["params"])
             elif kind == "end":
                 n = int(event["trial"])
                 record = self.trials[n]

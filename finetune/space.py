@@ -149,7 +149,7 @@ class FinetuneSpec:
 
     def params(self, point: dict[str, Any]) -> TrialParams:
         """Defaults with a searched ``point`` applied (numpy scalars made plain)."""
-        return dataclasses.replace(self.defaults, **{k: _plain(v) for k, v in point.items()})
+        return dataclasses.replace(self.defaults, **{k: plain_value(v) for k, v in point.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return {"train": dataclasses.asdict(self.train), "defaults": self.defaults.to_dict(),
@@ -167,7 +167,7 @@ def _check(ok: bool, key: str, what: str, value: Any) -> None:
         raise ConfigError(f"{key}: must be {what}, got {value!r}")
 
 
-def _plain(v: Any) -> Any:
+def plain_value(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
     return v

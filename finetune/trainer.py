@@ -109,6 +109,17 @@ class _Trial:
         self.best_val: dict[str, float] = {}
         self.bad_epochs = 0
         self.start_epoch = 0
+        self._cached: dict[str, torch.Tensor] | None = None
+
+    def _cache_tensors(self) -> dict[str, torch.Tensor]:
+        """The cached train/val features on the device, moved there once per trial."""
+        if self._cached is None:
+            d, dev = self.data, self.device
+            self._cached = {"x_train": torch.as_tensor(d.train_features, dtype=torch.float32, device=dev),
+                            "y_train": torch.as_tensor(d.train_labels, device=dev),
+                            "x_val": torch.as_tensor(d.val_features, dtype=torch.float32, device=dev),
+                            "y_val": torch.as_tensor(d.val_labels, device=dev)}
+        return self._cached
 
     # ------------------------------------------------------------------ plumbing
     def _check_stop(self) -> None:
@@ -142,8 +153,8 @@ class _Trial:
         """The backbone is frozen: its outputs are the cached features, so only the head runs."""
         head = self.model.head
         head.train()
-        x_all = torch.as_tensor(self.data.train_features, dtype=torch.float32, device=self.device)
-        y_all = torch.as_tensor(self.data.train_labels, device=self.device)
+        cached = self._cache_tensors()
+        x_all, y_all = cached["x_train"], cached["y_train"]
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         order = torch.randperm(len(x_all), generator=g).to(self.device)
         bs = self.params.batch_size
@@ -192,9 +203,9 @@ class _Trial:
     def _validate(self, from_cache: bool) -> tuple[float, np.ndarray]:
         if from_cache:
             self.model.head.eval()
-            x = torch.as_tensor(self.data.val_features, dtype=torch.float32, device=self.device)
-            logits = self.model.head(x).float()
-            y = torch.as_tensor(self.data.val_labels, device=self.device)
+            cached = self._cache_tensors()
+            logits = self.model.head(cached["x_val"]).float()
+            y = cached["y_val"]
         else:
             logits, y = predict_logits(self.model, self.data.splits["val"], self.eval_tf, device=self.device,
                                        batch_size=self.opts.eval_batch_size, workers=self.data_workers,
@@ -303,9 +314,10 @@ def run_trial(*, target: Target, data: FinetuneData, params: TrialParams, spec: 
     :class:`StudyStopped` and ``KeyboardInterrupt`` propagate: the trial is unfinished, not failed.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    described = spec.to_dict()
     (folder / "config.json").write_text(json.dumps({
-        "backbone": target.name, "params": params.to_dict(), "train": spec.to_dict()["train"],
-        "augment": spec.to_dict()["augment"], "metric": metric, "head": head_init, "seed": seed,
+        "backbone": target.name, "params": params.to_dict(), "train": described["train"],
+        "augment": described["augment"], "metric": metric, "head": head_init, "seed": seed,
         "device": str(device)}, indent=2))
     t0 = time.perf_counter()
     trial = None

@@ -50,7 +50,7 @@ def read_profiling(workdir: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return out
 
 
-def _fmt(v: float, digits: int = 4) -> str:
+def fmt_number(v: float | None, digits: int = 4) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
@@ -63,20 +63,20 @@ def leaderboard_rows(ranked: Sequence[dict[str, Any]], metric: str, profiling: d
             "backbone": e["backbone"],
             "size": e["image_size"],
             "best head": e["head"],
-            f"val {metric}": _fmt(e["val"][metric]),
-            f"test {metric} [95% CI]": f"{_fmt(e['test'][metric])} [{_fmt(lo, 3)}, {_fmt(hi, 3)}]",
-            "test acc": _fmt(e["test"]["accuracy"]),
+            f"val {metric}": fmt_number(e["val"][metric]),
+            f"test {metric} [95% CI]": f"{fmt_number(e['test'][metric])} [{fmt_number(lo, 3)}, {fmt_number(hi, 3)}]",
+            "test acc": fmt_number(e["test"]["accuracy"]),
             "tie": "≈ best" if e["tied_with_best"] else ("best" if e["rank"] == 1 else ""),
         }
         if e.get("cv"):
-            row[f"cv {metric}"] = f"{_fmt(e['cv']['mean'])} ± {_fmt(e['cv']['std'])}"
+            row[f"cv {metric}"] = f"{fmt_number(e['cv']['mean'])} ± {fmt_number(e['cv']['std'])}"
         if e.get("logreg"):
-            row[f"logreg val/test {metric}"] = f"{_fmt(e['logreg']['val'][metric])} / {_fmt(e['logreg']['test'][metric])}"
-        row["params (M)"] = _fmt(e["params"] / 1e6, 2) if e.get("params") else ""
+            row[f"logreg val/test {metric}"] = f"{fmt_number(e['logreg']['val'][metric])} / {fmt_number(e['logreg']['test'][metric])}"
+        row["params (M)"] = fmt_number(e["params"] / 1e6, 2) if e.get("params") else ""
         prof = profiling.get((e["backbone"], e["image_size"]))
         if profiling:
-            row["latency p50 (ms, b=1)"] = _fmt(float(prof["p50_ms"]), 2) if prof else ""
-            row["GFLOPs"] = _fmt(float(prof["gflops"]), 2) if prof else ""
+            row["latency p50 (ms, b=1)"] = fmt_number(float(prof["p50_ms"]), 2) if prof else ""
+            row["GFLOPs"] = fmt_number(float(prof["gflops"]), 2) if prof else ""
         row["weights"] = e["weights"]
         rows.append(row)
     return rows
