@@ -14,6 +14,9 @@ from configs import config_file
 from extract.config import ConfigError, coerce
 
 HEAD_TYPES = ("linear", "mlp", "knn")
+# How weight decay acts: "decoupled" is AdamW's; "l2" adds (weight_decay / 2) * ||W||^2 to the loss (Adam with L2),
+# whose optimum is exactly L2-regularised logistic regression's for a linear head.
+DECAY_MODES = ("decoupled", "l2")
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class HeadConfig:
     type: str = "linear"
     lr: float = 1e-3
     weight_decay: float = 1e-2
+    decay: str = "decoupled"
     dropout: float = 0.0
     class_weighted: bool = False
     epochs: int = 20
@@ -32,6 +36,8 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if self.type not in HEAD_TYPES:
             raise ConfigError(f"head type: one of {', '.join(HEAD_TYPES)}, got {self.type!r}")
+        if self.decay not in DECAY_MODES:
+            raise ConfigError(f"decay: one of {', '.join(DECAY_MODES)}, got {self.decay!r}")
         if self.type == "mlp" and not self.hidden:
             raise ConfigError("mlp heads need 'hidden' sizes, e.g. [1024]")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.dropout < 1 or self.epochs < 1 or self.patience < 1:
@@ -52,7 +58,7 @@ class HeadConfig:
         if self.type == "mlp":
             parts.append("h" + "x".join(str(h) for h in self.hidden))
             parts.append(f"do{self.dropout:g}")
-        parts += [f"lr{self.lr:g}", f"wd{self.weight_decay:g}", f"e{self.epochs}"]
+        parts += [f"lr{self.lr:g}", f"{'l2_' if self.decay == 'l2' else 'wd'}{self.weight_decay:g}", f"e{self.epochs}"]
         if self.class_weighted:
             parts.append("cw")
         return "-".join(parts)
@@ -82,7 +88,7 @@ class Grid:
 
 
 _FIELDS = {f: t for f, t in HeadConfig.__annotations__.items()}
-_TYPES = {"lr": float, "weight_decay": float, "dropout": float, "class_weighted": bool, "epochs": int,
+_TYPES = {"lr": float, "weight_decay": float, "decay": str, "dropout": float, "class_weighted": bool, "epochs": int,
           "patience": int, "k": int, "temperature": float}
 
 
@@ -97,7 +103,10 @@ def _head(values: dict[str, Any], where: str) -> HeadConfig:
             kwargs[key] = coerce(value, _TYPES[key], key=f"{where}.{key}")
         else:
             raise ConfigError(f"{where}: unknown key '{key}'. Known: {', '.join(['type', 'hidden', *_TYPES])}")
-    return HeadConfig(**kwargs)
+    try:
+        return HeadConfig(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def load_grid(path: Path | None = None) -> Grid:

@@ -4,8 +4,9 @@ Heads of one family (linear, or MLP with the same hidden sizes) are stacked: the
 weights live in one tensor with a head axis, so one matrix multiply per mini-batch
 serves them all. Per-head losses are summed; heads share no parameters, so each
 head's gradient is exactly that of its own loss. Each head's slice is updated by
-torch's own (fused) AdamW with that head's learning rate and weight decay, following
-its own warm-up + cosine schedule over its own number of epochs.
+torch's own (fused) AdamW — or Adam with an L2 penalty, for heads whose ``decay`` is
+"l2" — with that head's learning rate and weight decay, following its own warm-up +
+cosine schedule over its own number of epochs.
 
 Initialisation, dropout masks and batch order are seeded per head (and per epoch),
 so a head trains the same alone as inside a grid. Heads that early-stop are
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.adamw import adamw
+from torch.optim.adam import adam
 from tqdm.auto import tqdm
 
 from probe.grid import HeadConfig, TrainOptions
@@ -70,7 +71,7 @@ def lr_factors(step: int, epochs: torch.Tensor, warmup_epochs: int, steps_per_ep
 
 
 class _Family:
-    """Heads of one architecture stacked along a leading head axis, with their AdamW state.
+    """Heads of one architecture stacked along a leading head axis, with their Adam(W) state.
 
     Layer l of head h is ``weights[l][h]`` (in, out) and ``biases[l][h]`` (out,). Head-major
     storage keeps each head's slice contiguous, so torch's fused AdamW kernel updates it in place
@@ -87,6 +88,7 @@ class _Family:
         self.biases = [torch.stack([ls[layer].bias.detach() for ls in linears]).to(device).requires_grad_()
                        for layer in range(len(linears[0]))]
         self.dropout = torch.tensor([configs[i].dropout for i in members], device=device)
+        self.decoupled = [configs[i].decay == "decoupled" for i in members]
         self.generators = [torch.Generator().manual_seed(configs[i].seed_for(seed) + 1) for i in members]
         # Per parameter: exp_avg, exp_avg_sq (stacked like the parameter) and one step counter per head.
         self.state = {id(p): (torch.zeros_like(p), torch.zeros_like(p), [torch.tensor(0.0) for _ in members])
@@ -109,16 +111,18 @@ class _Family:
             out = torch.einsum("bhi,hio->bho", out, w) + b
         return out
 
-    def adamw_step(self, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
-        """One ``torch.optim.AdamW`` step per head with its own ``lr`` and ``weight_decay`` (no decay on biases)."""
+    def optimizer_step(self, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
+        """One ``torch.optim.AdamW`` step per head with its own ``lr`` and ``weight_decay`` (no decay on biases);
+        ``torch.optim.Adam``'s L2 form (the penalty's gradient added to the loss's) for heads whose ``decay`` is "l2".
+        """
         lr_list, wd_list = lr.tolist(), weight_decay.tolist()
         for params, decay in ((self.weights, True), (self.biases, False)):
             for h in range(len(self.members)):
                 states = [self.state[id(p)] for p in params]
-                adamw([p.data[h] for p in params], [p.grad[h] for p in params], [s[0][h] for s in states],
-                      [s[1][h] for s in states], [], [s[2][h] for s in states], fused=self.fused, foreach=False,
-                      amsgrad=False, beta1=BETAS[0], beta2=BETAS[1], lr=lr_list[h],
-                      weight_decay=wd_list[h] if decay else 0.0, eps=EPS, maximize=False)
+                adam([p.data[h] for p in params], [p.grad[h] for p in params], [s[0][h] for s in states],
+                     [s[1][h] for s in states], [], [s[2][h] for s in states], fused=self.fused, foreach=False,
+                     decoupled_weight_decay=self.decoupled[h], amsgrad=False, beta1=BETAS[0], beta2=BETAS[1],
+                     lr=lr_list[h], weight_decay=wd_list[h] if decay else 0.0, eps=EPS, maximize=False)
         for p in self.params():
             p.grad = None
 
@@ -135,6 +139,7 @@ class _Family:
         self.members = [self.members[i] for i in positions]
         self.index = self.index[idx]
         self.dropout = self.dropout[idx]
+        self.decoupled = [self.decoupled[i] for i in positions]
         self.generators = [self.generators[i] for i in positions]
 
     def export(self, position: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -233,7 +238,7 @@ def train_grid(
                     per_head = (w * nll).sum(0) / w.sum(0)
                     per_head.sum().backward()
                     lr = lr0[m] * lr_factors(step - 1, epochs_of[m.cpu()], options.warmup_epochs, steps).to(device)
-                    fam.adamw_step(lr, wd[m])
+                    fam.optimizer_step(lr, wd[m])
                     loss_sum[id(fam)] += per_head.detach() * len(idx)
                     lr_at[id(fam)] = lr
             still_by_family = []

@@ -14,6 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 from cache import CacheError, open_cache
+from extract.config import ConfigError
 from extract.pipeline import extract_features
 from probe.baseline import logreg_baseline
 from probe.classifier import load_classifier, load_head
@@ -135,29 +136,80 @@ def test_ties() -> None:
     assert [e["backbone"] for e in ranked] == ["y", "x"] and ranked[1]["tied_with_best"]
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("heads: {linear: {lr: [0.01], decay: [l1]}}", r"heads\.linear: decay: one of decoupled, l2, got 'l1'"),
+    ("heads: {linear: {lr: [0.01], momentum: [0.9]}}", r"heads\.linear: unknown key 'momentum'"),
+    ("heads: {linear: {lr: [-1.0]}}", r"heads\.linear: head linear-lr-1.*lr > 0"),
+    ("heads: {linear: {weight_decay: [fast]}}", r"heads\.linear\.weight_decay"),
+    ("heads: {svm: {lr: [0.01]}}", r"heads\.svm: unknown head type"),
+    ("train: {batch_sise: 64}", r"train\.\['batch_sise'\]"),
+    ("heads: {linear: {lr: [0.01, 0.01]}}", r"repeats head"),
+])
+def test_bad_grid_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_grid(path)
+
+
+def test_shipped_grid() -> None:
+    grid = load_grid()
+    linear = [h for h in grid.heads if h.type == "linear"]
+    assert len(grid.heads) >= 48 and len({h.name for h in grid.heads}) == len(grid.heads)
+    wds = sorted({h.weight_decay for h in linear})
+    assert wds[-1] / wds[0] >= 1e3 and all(h.decay == "l2" for h in linear)
+
+
 # ----------------------------------------------------------------------------- training
 
 
-def test_stacked_heads_step_like_torch_adamw() -> None:
+@pytest.mark.parametrize("decay", ["decoupled", "l2"])
+def test_stacked_heads_step_like_torch_optimizers(decay: str) -> None:
+    """Each head's step is torch's AdamW (decoupled decay) or Adam with an L2 penalty, weights only."""
     torch.manual_seed(0)
     x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
-    cfg = HeadConfig(type="linear", lr=0.05, weight_decay=0.3)
+    cfg = HeadConfig(type="linear", lr=0.05, weight_decay=0.3, decay=decay)
     from probe.heads import build_head
 
     ref = build_head(cfg, 12, 3, torch.zeros(12), torch.ones(12))
     mine = build_head(cfg, 12, 3, torch.zeros(12), torch.ones(12))
     mine.load_state_dict(ref.state_dict())
-    opt = torch.optim.AdamW([{"params": [ref.fc.weight], "weight_decay": 0.3}, {"params": [ref.fc.bias], "weight_decay": 0.0}], lr=0.05)
+    optimizer = torch.optim.AdamW if decay == "decoupled" else torch.optim.Adam
+    opt = optimizer([{"params": [ref.fc.weight], "weight_decay": 0.3}, {"params": [ref.fc.bias], "weight_decay": 0.0}], lr=0.05)
     fam = _Family({0: mine}, [cfg], [0], seed=0, device=torch.device("cpu"))
     for _step in range(1, 8):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(ref(x), y).backward()
         opt.step()
         torch.nn.functional.cross_entropy(fam.logits(x, train=False)[:, 0], y).backward()
-        fam.adamw_step(torch.tensor([0.05]), torch.tensor([0.3]))
+        fam.optimizer_step(torch.tensor([0.05]), torch.tensor([0.3]))
     w, b = fam.export(0)[0]
     torch.testing.assert_close(w, ref.fc.weight.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b, ref.fc.bias.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_l2_decay_optimum_is_logistic_regression() -> None:
+    """Run to convergence, an "l2" head's update minimises scikit-learn's L2 logistic regression objective with
+    C = 1 / (weight_decay * n): the mean cross-entropy plus (weight_decay / 2) * ||W||^2, bias not penalised."""
+    from probe.heads import build_head
+
+    rng = np.random.default_rng(0)
+    n, wd, steps = 120, 0.05, 1500
+    x, y = rng.normal(size=(n, 6)) * [1, 2, 3, 1, 1, 5], rng.integers(0, 3, n)
+    x[:, :3] += np.eye(3)[y] * 1.5
+    xs = StandardScaler().fit_transform(x)
+    cfg = HeadConfig(type="linear", lr=0.05, weight_decay=wd, decay="l2")
+    fam = _Family({0: build_head(cfg, 6, 3, torch.zeros(6), torch.ones(6))}, [cfg], [0], seed=0, device=torch.device("cpu"))
+    xt, yt = torch.tensor(xs, dtype=torch.float32), torch.tensor(y)
+    for step in range(steps):
+        torch.nn.functional.cross_entropy(fam.logits(xt, train=True)[:, 0], yt).backward()
+        fam.optimizer_step(torch.tensor([0.05 * 0.5 * (1 + np.cos(np.pi * step / steps))]), torch.tensor([wd]))
+    (w, b), = fam.export(0)
+    ref = LogisticRegression(C=1 / (wd * n), tol=1e-10, max_iter=10_000).fit(xs, y)
+    np.testing.assert_allclose(w.numpy(), ref.coef_, atol=1e-3)
+    # Softmax is unchanged by a shift of all intercepts, and the (unpenalised) bias is fixed only up to it.
+    np.testing.assert_allclose(b.numpy() - b.numpy().mean(), ref.intercept_ - ref.intercept_.mean(), atol=1e-3)
+    np.testing.assert_allclose((xt @ w.T + b).softmax(1).numpy(), ref.predict_proba(xs), atol=1e-4)
 
 
 def test_grid_equals_heads_trained_alone(workdir: Path, grid_file: Path) -> None:
