@@ -74,17 +74,21 @@ class KNNHead(nn.Module):
 
 def knn_probabilities(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
                       k: int, temperature: float, chunk: int = 4096) -> torch.Tensor:
-    """Vote shares (N, C) for L2-normalised ``queries`` against an L2-normalised ``bank``."""
-    k = min(k, len(bank))
-    out = []
-    for start in range(0, len(queries), chunk):
-        sim = queries[start:start + chunk] @ bank.T
-        top, idx = sim.topk(k, dim=1)
-        weights = (top / temperature).exp()
-        votes = torch.zeros(len(sim), num_classes, dtype=weights.dtype, device=sim.device)
-        votes.scatter_add_(1, bank_labels[idx], weights)
-        out.append(votes / votes.sum(1, keepdim=True))
-    return torch.cat(out) if out else torch.zeros(0, num_classes)
+    """Vote shares (N, C) for L2-normalised ``queries`` against an L2-normalised ``bank``, ``chunk`` queries at a time."""
+    # One pass when it fits; shape[0], not len(), keeps the batch size symbolic when the head is exported to ONNX.
+    if queries.shape[0] <= chunk:
+        return _votes(queries, bank, bank_labels, num_classes, k, temperature)
+    return torch.cat([_votes(queries[start:start + chunk], bank, bank_labels, num_classes, k, temperature)
+                      for start in range(0, len(queries), chunk)])
+
+
+def _votes(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int,
+           temperature: float) -> torch.Tensor:
+    sim = queries @ bank.T
+    top, idx = sim.topk(min(k, len(bank)), dim=1)
+    weights = (top / temperature).exp()
+    votes = sim.new_zeros((sim.shape[0], num_classes)).scatter_add_(1, bank_labels[idx], weights)
+    return votes / votes.sum(1, keepdim=True)
 
 
 def build_head(config: HeadConfig, dim: int, num_classes: int, mean: torch.Tensor, std: torch.Tensor,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -22,7 +23,7 @@ from probe.cli import main as probe_main
 from probe.grid import HeadConfig, load_grid
 from probe.leaderboard import mark_ties
 from probe.metrics import _from_confusion, bootstrap_ci, compute_metrics, confusion_batch
-from probe.pipeline import probe_cache, run_probe
+from probe.pipeline import export_head_onnx, probe_cache, run_probe
 from probe.train import _Family, train_grid
 
 SMALL_GRID = """
@@ -234,6 +235,28 @@ def test_knn_matches_scikit_learn_nearest_neighbour() -> None:
     (res,) = train_grid([HeadConfig(type="knn", k=1)], x_train=xt, y_train=yt, x_val=xv, y_val=yv, num_classes=4)
     ref = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(xt, yt).predict(xv)
     np.testing.assert_array_equal(res.val_proba.argmax(1), ref)
+
+
+@pytest.mark.parametrize("config", [HeadConfig(type="linear"), HeadConfig(type="mlp", hidden=(16,), dropout=0.5),
+                                    HeadConfig(type="knn", k=5)], ids=lambda c: c.type)
+def test_every_head_exports_to_onnx_with_a_dynamic_batch(config: HeadConfig, tmp_path: Path) -> None:
+    """profiling appends the saved head's ONNX graph to the backbone's and runs it at several batch sizes."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    xt, yt = rng.normal(size=(60, 8)).astype(np.float32), rng.integers(0, 3, 60)
+    xv = rng.normal(size=(20, 8)).astype(np.float32)
+    (res,) = train_grid([replace(config, epochs=2)], x_train=xt, y_train=yt, x_val=xv, y_val=rng.integers(0, 3, 20),
+                        num_classes=3)
+    path = export_head_onnx(res.head, 8, tmp_path / "head.onnx")
+    assert path is not None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3, 8):
+        x = rng.normal(size=(batch, 8)).astype(np.float32)
+        (got,) = session.run(None, {"features": x})
+        with torch.no_grad():
+            want = res.head(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_logreg_baseline_chooses_on_validation() -> None:
