@@ -88,7 +88,7 @@ class _Family:
         self.biases = [torch.stack([ls[layer].bias.detach() for ls in linears]).to(device).requires_grad_()
                        for layer in range(len(linears[0]))]
         self.dropout = torch.tensor([configs[i].dropout for i in members], device=device)
-        self.decoupled = [configs[i].decay == "decoupled" for i in members]
+        self.configs = configs  # the whole grid, indexed by self.members
         self.generators = [torch.Generator().manual_seed(configs[i].seed_for(seed) + 1) for i in members]
         # Per parameter: exp_avg, exp_avg_sq (stacked like the parameter) and one step counter per head.
         self.state = {id(p): (torch.zeros_like(p), torch.zeros_like(p), [torch.tensor(0.0) for _ in members])
@@ -121,8 +121,9 @@ class _Family:
                 states = [self.state[id(p)] for p in params]
                 adam([p.data[h] for p in params], [p.grad[h] for p in params], [s[0][h] for s in states],
                      [s[1][h] for s in states], [], [s[2][h] for s in states], fused=self.fused, foreach=False,
-                     decoupled_weight_decay=self.decoupled[h], amsgrad=False, beta1=BETAS[0], beta2=BETAS[1],
-                     lr=lr_list[h], weight_decay=wd_list[h] if decay else 0.0, eps=EPS, maximize=False)
+                     decoupled_weight_decay=self.configs[self.members[h]].decay == "decoupled", amsgrad=False,
+                     beta1=BETAS[0], beta2=BETAS[1], lr=lr_list[h], weight_decay=wd_list[h] if decay else 0.0,
+                     eps=EPS, maximize=False)
         for p in self.params():
             p.grad = None
 
@@ -139,7 +140,6 @@ class _Family:
         self.members = [self.members[i] for i in positions]
         self.index = self.index[idx]
         self.dropout = self.dropout[idx]
-        self.decoupled = [self.decoupled[i] for i in positions]
         self.generators = [self.generators[i] for i in positions]
 
     def export(self, position: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
