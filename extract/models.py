@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from extract.backbones import BackboneSpec
+from extract.checkpoints import CheckpointError, load_into
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # or repeated --no-pretrained extraction gives the same features.
 RANDOM_INIT_SEED = 0
 
+PARTIAL = ":partial"  # weights-tag suffix of a file loaded with allow_partial
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HF_DIR_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
@@ -101,7 +103,8 @@ def choose_weights(spec: BackboneSpec, *, pretrained: bool, weights_dir: Path | 
         if location is None:
             log.info("%s: no local weights in %s; using the hub", spec.name, weights_dir)
     if location is not None:
-        return Weights("file", str(location), file_tag(location))
+        # A partial load is another model than the full one: the tag (and so the cache key) says so.
+        return Weights("file", str(location), file_tag(location) + (PARTIAL if spec.allow_partial else ""))
     cfg = timm.models.get_pretrained_cfg(spec.model)
     hub_id = (cfg.hf_hub_id if cfg and cfg.hf_hub_id else spec.model) if cfg else spec.model
     tag = spec.model if "." in spec.model else f"{spec.model}.{cfg.tag}" if cfg and cfg.tag else spec.model
@@ -139,7 +142,14 @@ def _create(spec: BackboneSpec, weights: Weights, kwargs: dict[str, Any]) -> nn.
         torch.manual_seed(RANDOM_INIT_SEED)
         return timm.create_model(spec.model, pretrained=False, **kwargs)
     if weights.kind == "file":
-        return timm.create_model(spec.model, pretrained=True, pretrained_cfg_overlay={"file": weights.location}, **kwargs)
+        # Any common layout (timm, Lightning, DDP, another port), checked key by key: see extract.checkpoints.
+        torch.manual_seed(RANDOM_INIT_SEED)  # what a partial load leaves random is the same every run
+        model = timm.create_model(spec.model, pretrained=False, **kwargs)
+        try:
+            load_into(model, Path(weights.location), allow_partial=weights.tag.endswith(PARTIAL))
+        except CheckpointError as exc:
+            raise WeightsError(f"{spec.name}: {exc}") from None
+        return model
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE and not hub_reachable():
@@ -193,7 +203,7 @@ def backbone_from_record(*, model: str, name: str, model_kwargs: dict[str, Any] 
         weights = Weights("random", None, weights_tag)
     elif weights_tag.startswith("file:"):
         location = Path(weights_location) if weights_location else None
-        if location is None or not location.is_file() or file_tag(location) != weights_tag:
+        if location is None or not location.is_file() or file_tag(location) != weights_tag.removesuffix(PARTIAL):
             raise WeightsError(f"{name}: recorded weights {weights_tag} from {location} are missing or have changed; "
                                "point at the file it was made with")
         weights = Weights("file", str(location), weights_tag)
@@ -226,6 +236,8 @@ def preprocessing(spec: BackboneSpec, image_size: int | None = None) -> tuple[di
     cfg = timm.data.resolve_model_data_config(model)
     if image_size is not None:
         cfg["input_size"] = (3, int(image_size), int(image_size))
+    # The backbones file's preprocessing for weights timm's name does not describe (a TF-Lite port: mean = std = 0.5).
+    cfg.update(spec.preprocess)
     data_cfg = {
         "input_size": [int(v) for v in cfg["input_size"]],
         "interpolation": str(cfg["interpolation"]),

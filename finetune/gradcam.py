@@ -25,6 +25,23 @@ from torch import nn
 from extract.extractor import feature_map_nchw
 
 
+class KNNEvidence(nn.Module):
+    """A probe classifier with a kNN head, its output the head's log vote mass per class (see
+    ``KNNHead.evidence``): the kNN vote is differentiable in the features, so Grad-CAM applies."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = classifier.backbone, classifier.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.evidence(self.backbone(x))
+
+
+def for_gradcam(model: nn.Module) -> nn.Module:
+    """``model`` itself, or for a kNN probe classifier the same classifier scored by its vote mass."""
+    return KNNEvidence(model) if hasattr(getattr(model, "head", None), "evidence") else model
+
+
 def _backbone_of(model: nn.Module) -> nn.Module:
     """The timm model inside a classifier wrapper (a probe classifier has ``.backbone``)."""
     return getattr(model, "backbone", model)
@@ -117,6 +134,7 @@ def explain(model: nn.Module, *, paths: Sequence[Path], labels: Sequence[int], c
     from extract.images import load_rgb
 
     device = device or torch.device("cpu")
+    model = for_gradcam(model)
     chosen = pick_images(labels, n)
     tf = timm.data.create_transform(**data_cfg, is_training=False)
     x = torch.stack([tf(load_rgb(paths[i])) for i in chosen])

@@ -23,7 +23,7 @@ from finetune.deploy import export_and_time
 from finetune.evaluate import evaluate_test
 from finetune.gradcam import explain
 from finetune.model import RECORD_KEYS, Target, load_checkpoint
-from finetune.report import plot_searches, render_summary, summary_rows
+from finetune.report import plot_searches, render_summary, stage_agreement, summary_rows
 from finetune.search import Study, TrialRecord
 from finetune.space import FinetuneSpec
 from finetune.trainer import run_trial
@@ -66,7 +66,8 @@ def select_targets(workdir: Path, *, top: int, backbones: list[str] | None, metr
         targets.append(Target(record={k: e.get(k) for k in RECORD_KEYS}, cache=Path(e["cache"]),
                               head_file=Path(e["head_file"]) if e.get("head_file") else None,
                               probe={"head": e["head"], "val": e["val"][metric], "test": e["test"][metric],
-                                     "test_ci": e["test_ci"].get(metric), "weights": e["weights"]}))
+                                     "test_ci": e["test_ci"].get(metric), "weights": e["weights"],
+                                     **{k: (e.get("transfer") or {}).get(k) for k in ("logme", "knn_loo")}}))
     return targets, metric
 
 
@@ -167,9 +168,8 @@ def _explain(target: Target, data: FinetuneData, *, spec: FinetuneSpec, workdir:
         model, _ = load_checkpoint(Path(result["best_dir"]) / "best_model.pt")
         result["gradcam"] = str(explain(model, path=out / f"{name}.png", **kwargs))
         if target.head_file is not None and target.head_file.is_file():
-            probe_model, ckpt = load_classifier(target.head_file)
-            if ckpt["config"]["type"] != "knn":
-                result["gradcam_probe"] = str(explain(probe_model, path=out / f"{name}-probe.png", **kwargs))
+            probe_model, _ = load_classifier(target.head_file)  # a kNN head too: explain() scores its vote mass
+            result["gradcam_probe"] = str(explain(probe_model, path=out / f"{name}-probe.png", **kwargs))
     except Exception as exc:  # an explanation must not cost the results
         log.warning("%s: Grad-CAM failed (%s: %s); set gradcam.target_layers for this architecture",
                     target.name, type(exc).__name__, exc)
@@ -213,4 +213,9 @@ def run_finetune(*, workdir: Path, spec: FinetuneSpec, top: int = 3, backbones: 
     atomic_write_text(out / "summary.md", text)
     atomic_write_text(out / "summary.json", json.dumps({"metric": metric, "results": results}, indent=2, default=str))
     table = format_table(summary_rows(results, metric))
+    agreement, taus = stage_agreement(results, metric)
+    if len(agreement) > 1:
+        table += "\n\nStage one against stage two:\n" + format_table(agreement)
+        if taus:
+            table += "\nKendall's tau vs the fine-tuned ranking: " + ", ".join(f"{k} {v:+.2f}" for k, v in taus.items())
     return FinetuneOutputs(results=results, summary=table, folder=out)

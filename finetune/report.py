@@ -83,6 +83,46 @@ def summary_rows(results: Sequence[dict[str, Any]], metric: str) -> list[dict[st
     return rows
 
 
+RANKERS = (("probe val", "val"), ("LogME", "logme"), ("kNN LOO", "knn_loo"))
+
+
+def _ranks(values: Sequence[float | None], higher: bool = True) -> list[int | None]:
+    """1 = best; None where a value is missing."""
+    known = sorted((v for v in values if v is not None), reverse=higher)
+    return [None if v is None else known.index(v) + 1 for v in values]
+
+
+def stage_agreement(results: Sequence[dict[str, Any]], metric: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Each fine-tuned backbone's stage-one ranks (probe validation metric, LogME, kNN leave-one-out) beside its
+    stage-two rank (fine-tuned validation metric), and Kendall's tau of each stage-one ranking against stage
+    two's (with three or more backbones; tau = 1: the same order, -1: reversed)."""
+    done = [r for r in results if r.get("best")]
+    higher = METRICS[metric]
+    final = _ranks([r["best"]["val"] for r in done], higher)
+    rows, taus = [], {}
+    columns = {}
+    for label, key in RANKERS:
+        values = [(r.get("probe") or {}).get(key) for r in done]
+        columns[label] = (values, _ranks(values, higher if key == "val" else True))
+    for i, r in enumerate(done):
+        row: dict[str, Any] = {"backbone": r["name"]}
+        for label, (values, ranks) in columns.items():
+            row[f"{label} (rank)"] = "" if values[i] is None else f"{fmt_number(values[i], 3)} ({ranks[i]})"
+        row[f"fine-tuned val {metric} (rank)"] = f"{fmt_number(r['best']['val'], 3)} ({final[i]})"
+        rows.append(row)
+    if len(done) >= 3:
+        from scipy.stats import kendalltau
+
+        for label, (values, _) in columns.items():
+            pairs = [(v, r["best"]["val"]) for v, r in zip(values, done) if v is not None]
+            if len(pairs) >= 3:
+                a, b = zip(*pairs)
+                tau = float(kendalltau(a, b).statistic)
+                # LogME and kNN accuracy are higher-is-better; against a lower-is-better metric the order flips.
+                taus[label] = -tau if not higher and label != "probe val" else tau
+    return rows, taus
+
+
 def render_summary(results: Sequence[dict[str, Any]], *, metric: str, workdir: Path, random_weights: bool) -> str:
     lines = ["# Fine-tuning summary", "",
              f"Selection by validation {metric}; the best trial of each backbone tested once (95% bootstrap CIs). "
@@ -91,6 +131,16 @@ def render_summary(results: Sequence[dict[str, Any]], *, metric: str, workdir: P
         lines += ["**Some backbones use RANDOM weights (--no-pretrained): the numbers say nothing about pretrained "
                   "quality.**", ""]
     lines += [format_table(summary_rows(results, metric)), ""]
+    agreement, taus = stage_agreement(results, metric)
+    if agreement:
+        lines += ["## Stage one against stage two", "",
+                  "Does the cheap ranking pick what fine-tuning confirms? Stage-one scores (rank) of the backbones "
+                  f"fine-tuned here, beside their fine-tuned validation {metric} (rank)."
+                  + (" Kendall's tau of each stage-one ranking against stage two's: "
+                     + ", ".join(f"{k} {v:+.2f}" for k, v in taus.items())
+                     + " (1: the same order; 0: unrelated; -1: reversed)." if taus else
+                     " Kendall's tau needs three or more fine-tuned backbones."), "",
+                  format_table(agreement), ""]
     for r in results:
         best = r.get("best")
         lines.append(f"## {r['name']}")

@@ -33,14 +33,14 @@ KINDS = ("log", "float", "int", "ordered", "choice")
 @dataclass(frozen=True)
 class TrainOptions:
     epochs: int = 10
-    warmup_epochs: int = 1
+    warmup_epochs: float = 1.0  # per unfreezing stage (at most half of it)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     patience: int = 3
     clip_grad: float = 1.0
     accum_steps: int = 1
     class_weighted: bool = False
     max_blocks: int = 4
-    freeze_bn_stats: bool = False
+    freeze_bn_stats: bool = True
     frozen_from_cache: bool = True
     amp: bool = True
     channels_last: bool = True

@@ -32,7 +32,7 @@ from finetune.blocks import backbone_blocks
 from finetune.data import FinetuneData, Split, eval_transform, image_loader, train_transform
 from finetune.model import Target, build_classifier, save_checkpoint
 from finetune.space import FinetuneSpec, TrialParams
-from finetune.unfreeze import ProgressiveUnfreezer, default_schedule
+from finetune.unfreeze import ProgressiveUnfreezer, default_schedule, stage_span
 from probe.metrics import METRICS, fast_metric
 from probe.train import class_weights
 
@@ -59,13 +59,20 @@ class TrialOutcome:
     head_source: str = ""
 
 
-def base_lr_factor(t: float, *, warmup: float, total: float) -> float:
-    """Linear warm-up over ``warmup`` epochs, then cosine decay to 0 at ``total`` (``t`` in epochs)."""
-    if warmup > 0 and t < warmup:
-        return max(t, 1e-3) / warmup
-    if total <= warmup:
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / (total - warmup))))
+def stage_lr_factor(t: float, *, start: float, end: float, warmup: float) -> float:
+    """The base learning rate's factor at ``t`` (in epochs) inside one unfreezing stage ``[start, end)``.
+
+    Each stage warms up linearly over ``warmup`` epochs (at most half the stage), then decays by a
+    cosine to 0 at the stage's end. One schedule over all stages would leave the blocks unfrozen
+    last almost nothing to learn with (a 3-epoch run gave its image epoch a learning rate of 1.8e-8);
+    a new stage restarts the warm-up, because the weights it unfreezes have no optimizer state yet.
+    """
+    length = max(end - start, 1e-9)
+    u = min(max(t - start, 0.0), length)
+    w = min(warmup, length / 2)
+    if w > 0 and u < w:
+        return max(u, 1e-3 * w) / w
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (u - w) / max(length - w, 1e-9))))
 
 
 def _better(metric: str, a: float, b: float | None) -> bool:
@@ -102,7 +109,6 @@ class _Trial:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.train_tf = train_transform(target.data_config, spec.augment)
         self.eval_tf = eval_transform(target.data_config)
-        self.steps_per_epoch = max(1, math.ceil(len(data.splits["train"].paths) / params.batch_size))
         self.history: list[dict[str, Any]] = []
         self.best: float | None = None
         self.best_epoch: int | None = None
@@ -131,7 +137,8 @@ class _Trial:
 
     def _set_lr(self, epoch: int, step: int, steps: int) -> None:
         t = epoch + step / max(1, steps)
-        self.unfreezer.set_lr(self.params.lr * base_lr_factor(t, warmup=self.opts.warmup_epochs, total=self.opts.epochs))
+        start, end = stage_span(self.unfreezer.schedule, epoch, self.opts.epochs)
+        self.unfreezer.set_lr(self.params.lr * stage_lr_factor(t, start=start, end=end, warmup=self.opts.warmup_epochs))
 
     def _optimizer_step(self) -> None:
         opt = self.unfreezer.optimizer

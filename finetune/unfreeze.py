@@ -50,6 +50,13 @@ def stage_at(schedule: list[Stage], epoch: int) -> Stage:
     return current
 
 
+def stage_span(schedule: list[Stage], epoch: int, total_epochs: int) -> tuple[int, int]:
+    """First epoch of the stage ``epoch`` is in, and the first epoch after it (``total_epochs`` for the last)."""
+    current = stage_at(schedule, epoch)
+    later = [s.epoch for s in schedule if s.epoch > current.epoch]
+    return current.epoch, min(later[0], total_epochs) if later else total_epochs
+
+
 def _decay_split(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """Weights decay; biases and norm parameters (1-d) do not, as in timm."""
     decay = [p for n, p in params if p.ndim > 1]

@@ -78,6 +78,9 @@ class TrainOptions:
     batch_size: int = 256
     warmup_epochs: int = 1
     standardize: bool = True
+    # A head's epoch (and the grid's head) is chosen by its validation metric averaged over this many
+    # consecutive epochs, past warm-up: one lucky epoch of a noisy small validation split is not chosen.
+    smooth_epochs: int = 3
 
 
 @dataclass(frozen=True)
@@ -120,14 +123,18 @@ def load_grid(path: Path | None = None) -> Grid:
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected train, heads, default")
     train_raw = data.get("train") or {}
-    bad = set(train_raw) - {"batch_size", "warmup_epochs", "standardize"}
+    bad = set(train_raw) - {"batch_size", "warmup_epochs", "standardize", "smooth_epochs"}
     if bad:
         raise ConfigError(f"{path}: unknown key(s) train.{sorted(bad)}")
     train = TrainOptions(
         batch_size=coerce(train_raw.get("batch_size", 256), int, key="train.batch_size"),
         warmup_epochs=coerce(train_raw.get("warmup_epochs", 1), int, key="train.warmup_epochs"),
         standardize=coerce(train_raw.get("standardize", True), bool, key="train.standardize"),
+        smooth_epochs=coerce(train_raw.get("smooth_epochs", 3), int, key="train.smooth_epochs"),
     )
+    if train.smooth_epochs < 1:
+        raise ConfigError(f"{path}: train.smooth_epochs: must be at least 1 (1: the single best epoch), "
+                          f"got {train.smooth_epochs}")
     heads: list[HeadConfig] = []
     for head_type, axes in (data.get("heads") or {}).items():
         if head_type not in HEAD_TYPES:

@@ -71,6 +71,16 @@ class KNNHead(nn.Module):
         return torch.log(knn_probabilities(F.normalize(x.float(), dim=1), self.bank, self.bank_labels,
                                            self.num_classes, self.k, self.temperature).clamp_min(1e-12))
 
+    def evidence(self, x: torch.Tensor) -> torch.Tensor:
+        """log of each class's unnormalised vote mass, sum over its neighbours among the k of exp(sim / T).
+
+        A differentiable function of the features with the same argmax as :meth:`forward`; unlike the vote
+        share it still has a gradient when all k neighbours agree (a share of exactly 1). Grad-CAM uses it.
+        """
+        votes = vote_mass(F.normalize(x.float(), dim=1), self.bank, self.bank_labels, self.num_classes, self.k,
+                          self.temperature)
+        return torch.log(votes.clamp_min(1e-30))
+
 
 def knn_probabilities(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
                       k: int, temperature: float, chunk: int = 4096) -> torch.Tensor:
@@ -82,12 +92,18 @@ def knn_probabilities(queries: torch.Tensor, bank: torch.Tensor, bank_labels: to
                       for start in range(0, len(queries), chunk)])
 
 
-def _votes(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int,
-           temperature: float) -> torch.Tensor:
+def vote_mass(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int,
+              temperature: float) -> torch.Tensor:
+    """(N, C): per class, the sum of exp(similarity / temperature) over its neighbours among the k nearest."""
     sim = queries @ bank.T
     top, idx = sim.topk(min(k, len(bank)), dim=1)
     weights = (top / temperature).exp()
-    votes = sim.new_zeros((sim.shape[0], num_classes)).scatter_add_(1, bank_labels[idx], weights)
+    return sim.new_zeros((sim.shape[0], num_classes)).scatter_add(1, bank_labels[idx], weights)
+
+
+def _votes(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int,
+           temperature: float) -> torch.Tensor:
+    votes = vote_mass(queries, bank, bank_labels, num_classes, k, temperature)
     return votes / votes.sum(1, keepdim=True)
 
 

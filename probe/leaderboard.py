@@ -54,6 +54,12 @@ def fmt_number(v: float | None, digits: int = 4) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _gap(val: float | None, test: float | None) -> str:
+    if val is None or test is None or math.isnan(val) or math.isnan(test):
+        return ""
+    return f"{val - test:+.3f}"
+
+
 def leaderboard_rows(ranked: Sequence[dict[str, Any]], metric: str, profiling: dict) -> list[dict[str, Any]]:
     rows = []
     for e in ranked:
@@ -65,9 +71,14 @@ def leaderboard_rows(ranked: Sequence[dict[str, Any]], metric: str, profiling: d
             "best head": e["head"],
             f"val {metric}": fmt_number(e["val"][metric]),
             f"test {metric} [95% CI]": f"{fmt_number(e['test'][metric])} [{fmt_number(lo, 3)}, {fmt_number(hi, 3)}]",
+            # Selection picked the head (and its epoch) on val: a large positive gap is that choice's optimism.
+            "val−test": _gap(e["val"][metric], e["test"][metric]),
             "test acc": fmt_number(e["test"]["accuracy"]),
             "tie": "≈ best" if e["tied_with_best"] else ("best" if e["rank"] == 1 else ""),
         }
+        if e.get("transfer"):
+            row["LogME"] = fmt_number(e["transfer"]["logme"], 3)
+            row["kNN LOO acc"] = fmt_number(e["transfer"]["knn_loo"])
         if e.get("cv"):
             row[f"cv {metric}"] = f"{fmt_number(e['cv']['mean'])} ± {fmt_number(e['cv']['std'])}"
         if e.get("logreg"):

@@ -25,6 +25,7 @@ from probe.leaderboard import leaderboard_rows, mark_ties, read_profiling
 from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k
 from probe.plots import plot_confusion, plot_confusion_grid
 from probe.train import TrainedHead, predict_proba, train_grid
+from probe.transferability import knn_loo_accuracy, logme
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ def _better(metric: str, a: float, b: float) -> bool:
 
 
 def choose(trained: list[TrainedHead], metric: str, scores: list[float] | None = None) -> int:
-    """Index of the best head by validation score (first in grid order on a tie)."""
-    scores = scores if scores is not None else [t.val_metric for t in trained]
+    """Index of the best head by validation score — its smoothed selection score, or the given CV
+    scores — first in grid order on a tie."""
+    scores = scores if scores is not None else [t.score for t in trained]
     best = 0
     for i, s in enumerate(scores):
         if _better(metric, s, scores[best]):
@@ -84,6 +86,20 @@ def cross_validate(configs: list[HeadConfig], x: np.ndarray, y: np.ndarray, *, f
                              metric=metric, options=grid.train, seed=seed, device=device, desc=f"fold {k + 1}/{folds}")
         out.append([t.val_metric for t in trained])
     return np.asarray(out)
+
+
+def transfer_scores(train: Any, val: Any, name: str) -> dict[str, float]:
+    """LogME and kNN leave-one-out accuracy on the labelled (train + val, unaugmented) features: a ranking
+    that trains nothing, shown beside the probe's so a user can see whether it agrees."""
+    x = np.concatenate([train.features[train.views == 0], val.features]).astype(np.float32)
+    y = np.concatenate([train.labels[train.views == 0], val.labels])
+    t0 = time.perf_counter()
+    score = logme(x, y)
+    t1 = time.perf_counter()
+    knn = knn_loo_accuracy(x, y)
+    t2 = time.perf_counter()
+    log.info("%s: LogME %.3f (%.2fs), kNN leave-one-out accuracy %.4f (%.2fs)", name, score, t1 - t0, knn, t2 - t1)
+    return {"logme": score, "knn_loo": knn, "logme_seconds": t1 - t0, "knn_seconds": t2 - t1}
 
 
 def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline: str, folds: int | None,
@@ -118,6 +134,7 @@ def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline
         scores = list(per_fold.mean(0))
         cv = {"mean": per_fold.mean(0), "std": per_fold.std(0)}
 
+    transfer = transfer_scores(train, val, name)
     t_grid = time.perf_counter()
     trained = train_grid(configs, x_train=train.features, y_train=train.labels, x_val=val.features, y_val=val.labels,
                          num_classes=c, metric=metric, options=grid.train, seed=seed, device=device,
@@ -174,7 +191,7 @@ def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline
                    f"{name} — {chosen.config.name}\ntest {metric} {test_metrics[metric]:.3f}",
                    out / "confusion" / f"{name}.png")
     entry = {**info, "head": chosen.config.name, "head_config": chosen.config.to_dict(), "val": val_best,
-             "test": test_metrics, "test_ci": ci, "logreg": logreg, "n_heads": len(configs),
+             "test": test_metrics, "test_ci": ci, "logreg": logreg, "transfer": transfer, "n_heads": len(configs),
              "grid_seconds": grid_seconds, "seconds": time.perf_counter() - t0, "head_file": str(head_path),
              "head_onnx": str(head_onnx) if head_onnx else None,
              "history_file": str(history_path),
@@ -220,7 +237,9 @@ def render_leaderboard(workdir: Path, ranked: list[dict[str, Any]], *, metric: s
     """``leaderboard.md``: the ranked entries, with latency and FLOPs where ``profiling/`` has them."""
     table = format_table(leaderboard_rows(ranked, metric, read_profiling(workdir)))
     header = (f"# Probe leaderboard\n\nSorted by validation {metric} (the selection metric); test metrics with 95% "
-              f"bootstrap CIs ({n_boot} resamples of the test images). '≈ best': the test CI overlaps the top one's.\n"
+              f"bootstrap CIs ({n_boot} resamples of the test images). '≈ best': the test CI overlaps the top one's. "
+              "'val−test': how much the validation metric the selection saw exceeds test (its optimism). "
+              "LogME and kNN LOO acc: training-free scores of the features (train + val), higher is better.\n"
               f"Seed {seed}; {n_heads} head(s) per backbone{'; ordinal labels' if ordinal else ''}.\n")
     if any(e["weights"] == "random" for e in ranked):
         header += "\n**Some backbones use RANDOM weights (--no-pretrained): their numbers say nothing about pretrained quality.**\n"

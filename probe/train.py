@@ -43,6 +43,12 @@ class TrainedHead:
     val_proba: np.ndarray
     best_epoch: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    # What selection compares: the validation metric averaged over the epochs around the chosen one.
+    selection_score: float | None = None
+
+    @property
+    def score(self) -> float:
+        return self.val_metric if self.selection_score is None else self.selection_score
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -51,13 +57,24 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
+STD_FLOOR = 0.1  # of the median feature std; see feature_stats
+
+
 def feature_stats(x: torch.Tensor, standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if not standardize:
         return torch.zeros(x.shape[1]), torch.ones(x.shape[1])
     x = x.double()
     # Constant features get std 1, so they stay constant instead of dividing by zero.
     std = x.std(0, unbiased=False)
-    return x.mean(0).float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+    alive = std > 1e-6
+    std = torch.where(alive, std, torch.ones_like(std))
+    # A nearly dead feature (a ReLU channel almost never on) is not blown up to unit scale: its std is
+    # floored at STD_FLOOR x the median feature's. Unfloored, a head fitted on the cache weighs such
+    # features by up to 1/std ~ 1e4, and the smallest change of the backbone in stage two turns them
+    # into logits in the hundreds (issue #14: the first image epoch of a fine-tune collapsed).
+    if alive.any():
+        std = torch.maximum(std, STD_FLOOR * std[alive].median())
+    return x.mean(0).float(), std.float()
 
 
 def lr_factors(step: int, epochs: torch.Tensor, warmup_epochs: int, steps_per_epoch: int) -> torch.Tensor:
@@ -214,6 +231,7 @@ def train_grid(
         weighted = torch.tensor([c.class_weighted for c in configs], device=device)
 
         best = {i: (-math.inf if higher else math.inf) for i in trainable}
+        recent: dict[int, list[float]] = {i: [] for i in trainable}
         best_layers: dict[int, list] = {}
         best_epoch = {i: 0 for i in trainable}
         waited = {i: 0 for i in trainable}
@@ -254,8 +272,13 @@ def train_grid(
                     history[i].append({"epoch": epoch, "train_loss": float(loss_sum[id(fam)][j] / n),
                                        "val_loss": float(val_loss[j]), f"val_{metric}": score, "lr": float(lr_at[id(fam)][j]),
                                        "seconds": time.perf_counter() - t0})
-                    if (score > best[i]) if higher else (score < best[i]):
-                        best[i], best_epoch[i], waited[i] = score, epoch, 0
+                    window = options.smooth_epochs
+                    recent[i] = (recent[i] + [score])[-window:]
+                    smoothed = float(np.mean(recent[i]))
+                    # Past warm-up only (unless the head has no epoch after it), by the smoothed metric.
+                    eligible = epoch > min(options.warmup_epochs, configs[i].epochs - 1)
+                    if eligible and ((smoothed > best[i]) if higher else (smoothed < best[i])):
+                        best[i], best_epoch[i], waited[i] = smoothed, epoch, 0
                         best_layers[i] = fam.export(j)
                     else:
                         waited[i] += 1
@@ -276,7 +299,8 @@ def train_grid(
             _load_layers(heads[i], best_layers[i])
             head = heads[i].eval()
             proba = predict_proba(head, xv)
-            results[i] = TrainedHead(configs[i], head, fast_metric(metric, y_val, proba), proba, best_epoch[i], history[i])
+            results[i] = TrainedHead(configs[i], head, fast_metric(metric, y_val, proba), proba, best_epoch[i], history[i],
+                                     selection_score=best[i])
     return [results[i] for i in range(len(configs))]
 
 

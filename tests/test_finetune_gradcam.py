@@ -69,3 +69,25 @@ def test_gradcam_on_a_probe_classifier(tmp_path: Path) -> None:
     rgb = [((img.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8) for img in images]
     out = save_gradcam_grid(rgb, maps, ["a", "b"], tmp_path / "grid.png", per_row=2)
     assert out.stat().st_size > 5000
+
+
+def test_gradcam_on_a_knn_probe_classifier() -> None:
+    """A kNN vote is differentiable in the features: its Grad-CAM maps are not flat, even where all k agree."""
+    from finetune.gradcam import for_gradcam
+    from probe.classifier import ProbeClassifier
+    from probe.grid import HeadConfig
+    from probe.heads import build_head
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet.r160_in1k", num_classes=0).eval()
+    images = smooth_images(6, 64)
+    with torch.no_grad():
+        bank = backbone(images)
+    head = build_head(HeadConfig(type="knn", k=3, temperature=0.07), bank.shape[1], 3, None, None,
+                      bank=bank, bank_labels=torch.tensor([0, 0, 1, 1, 2, 2]))
+    model = ProbeClassifier(backbone, head).eval()
+    scored = for_gradcam(model)
+    with torch.no_grad():
+        assert torch.equal(scored(images).argmax(1), model(images).argmax(1))  # same decision
+    maps = gradcam_maps(scored, images[:2])
+    assert maps.shape == (2, 64, 64) and all(m.std() > 1e-3 for m in maps), [float(m.std()) for m in maps]

@@ -173,3 +173,30 @@ def test_workers_run_trials_at_once_but_never_more(tmp_path: Path) -> None:
         open_asks += 1 if e["event"] == "start" else -1
         assert open_asks <= 3
     assert log[0]["workers"] == 3
+
+
+def test_stage_agreement_ranks_and_kendall_tau() -> None:
+    from scipy.stats import kendalltau
+
+    from finetune.report import render_summary, stage_agreement
+
+    def result(name, probe_val, logme, knn, ft_val):
+        return {"name": name, "probe": {"val": probe_val, "logme": logme, "knn_loo": knn},
+                "best": {"val": ft_val, "params": {}, "trial": 0}, "ok": 1, "failed": 0, "optimizer": "none",
+                "best_dir": f"best/{name}"}
+
+    results = [result("a", 0.9, -0.5, 0.80, 0.95), result("b", 0.8, -0.6, 0.85, 0.90),
+               result("c", 0.7, -0.4, 0.70, 0.97), result("d", 0.6, -0.7, 0.60, 0.50)]
+    rows, taus = stage_agreement(results, "accuracy")
+    assert [r["fine-tuned val accuracy (rank)"] for r in rows] == ["0.950 (2)", "0.900 (3)", "0.970 (1)", "0.500 (4)"]
+    assert rows[1]["kNN LOO (rank)"] == "0.850 (1)"
+    ft = [0.95, 0.90, 0.97, 0.50]
+    assert taus["probe val"] == pytest.approx(kendalltau([0.9, 0.8, 0.7, 0.6], ft).statistic)
+    assert taus["LogME"] == pytest.approx(kendalltau([-0.5, -0.6, -0.4, -0.7], ft).statistic)
+    # With log loss (lower is better) a higher-is-better score that orders the same way has tau -1 raw: flipped to +1.
+    loss = [result(n, v, s, s, v) for n, v, s in (("a", 0.2, 3.0), ("b", 0.3, 2.0), ("c", 0.4, 1.0))]
+    assert stage_agreement(loss, "log_loss")[1]["LogME"] == pytest.approx(1.0)
+    assert stage_agreement(loss, "log_loss")[1]["probe val"] == pytest.approx(1.0)
+    text = render_summary(results, metric="accuracy", workdir=Path("w"), random_weights=False)
+    assert "Stage one against stage two" in text and "Kendall's tau" in text
+    assert stage_agreement(results[:2], "accuracy")[1] == {}  # tau needs three

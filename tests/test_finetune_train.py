@@ -281,3 +281,69 @@ def test_knn_probe_head_is_replaced_by_a_trained_linear_probe(workdir: Path, tmp
     with torch.no_grad():
         predicted = model.head.eval()(torch.as_tensor(data.val_features)).argmax(1).numpy()
     assert (predicted == data.val_labels).mean() > 0.5  # trained on the cache, not a random start (3 classes)
+
+
+# --- issue #14: an image epoch starts where the cache epochs ended -------------------------------------------------
+
+def _history(folder: Path) -> list[dict[str, str]]:
+    import csv
+
+    with (folder / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+NO_AUGMENT = {"hflip": 0.0, "color_jitter": 0.0, "scale": [1.0, 1.0], "ratio": [1.0, 1.0]}
+
+
+def test_image_epoch_at_learning_rate_zero_keeps_the_cache_path_metric(target_and_data, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Learning rate 0 everywhere: whatever changes between the cache epoch and the image epochs is not learning
+    # but the way blocks behave once unfrozen (BatchNorm's batch statistics and running-statistics updates).
+    monkeypatch.setattr(trainer_module, "stage_lr_factor", lambda *a, **k: 0.0)
+    outcome = trial(target_and_data, tmp_path / "t", augment=NO_AUGMENT,
+                    defaults={**SEARCH["defaults"], "drop_path_rate": 0.0}, space={})
+    assert outcome.status == "ok", outcome.reason
+    rows = _history(tmp_path / "t")
+    assert [r["source"] for r in rows] == ["cache", "images", "images"]
+    cache_loss, cache_f1 = float(rows[0]["val_loss"]), float(rows[0]["val_macro_f1"])
+    for row in rows[1:]:
+        assert float(row["val_macro_f1"]) == pytest.approx(cache_f1, abs=1e-9)
+        assert float(row["val_loss"]) == pytest.approx(cache_loss, rel=1e-4)
+
+
+def test_image_epoch_at_a_tiny_learning_rate_moves_by_no_more_than_noise(target_and_data, tmp_path: Path) -> None:
+    outcome = trial(target_and_data, tmp_path / "t", defaults={**SEARCH["defaults"], "lr": 1e-8}, space={})
+    assert outcome.status == "ok", outcome.reason
+    rows = _history(tmp_path / "t")
+    n_val = len(target_and_data[1].val_labels)
+    accuracy = [float(r["val_accuracy"]) for r in rows]
+    # One validation image changing its prediction is the noise floor.
+    assert max(accuracy) - min(accuracy) <= 1 / n_val + 1e-9, accuracy
+    losses = [float(r["val_loss"]) for r in rows]
+    assert max(losses) - min(losses) < 0.01 * losses[0] + 1e-3, losses
+
+
+def test_first_image_epoch_loss_is_of_the_order_of_the_last_cache_epoch(target_and_data, tmp_path: Path) -> None:
+    outcome = trial(target_and_data, tmp_path / "t", augment=NO_AUGMENT, space={})
+    assert outcome.status == "ok", outcome.reason
+    rows = _history(tmp_path / "t")
+    cache, first_images = rows[0], rows[1]
+    assert cache["source"] == "cache" and first_images["source"] == "images"
+    assert float(first_images["train_loss"]) < 3 * float(cache["train_loss"]) + 0.1, rows
+
+
+def test_each_unfreezing_stage_gets_its_own_warm_up_and_decay() -> None:
+    from finetune.trainer import stage_lr_factor
+    from finetune.unfreeze import default_schedule, stage_span
+
+    schedule = default_schedule(2, 1, 0.1)  # head 0-1, last block 2, the rest from 3
+    assert [stage_span(schedule, e, 5) for e in range(5)] == [(0, 2), (0, 2), (2, 3), (3, 5), (3, 5)]
+    # The issue's short run: 3 epochs, the last one through images. Its block must learn at about the base rate.
+    start, end = stage_span(schedule, 2, 3)
+    factors = [stage_lr_factor(2 + i / 100, start=start, end=end, warmup=1.0) for i in range(100)]
+    assert max(factors) > 0.99 and sum(factors) / len(factors) > 0.4
+    # Every stage starts low (a fresh warm-up for weights with no optimizer state yet) and ends near 0.
+    for s, e in [(0, 2), (2, 3), (3, 5)]:
+        assert stage_lr_factor(s, start=s, end=e, warmup=1.0) < 0.01
+        assert stage_lr_factor(e - 1e-6, start=s, end=e, warmup=1.0) < 0.01
+        assert stage_lr_factor(s + (e - s) / 2, start=s, end=e, warmup=1.0) > 0.9

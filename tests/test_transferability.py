@@ -1,0 +1,66 @@
+"""LogME and kNN leave-one-out accuracy against independent references on synthetic data (issue #14)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import multivariate_normal
+from sklearn.model_selection import LeaveOneOut, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from probe.transferability import _maximise, evidence, knn_loo_accuracy, logme, spectrum
+
+
+def _z(f: np.ndarray, y: np.ndarray):
+    """(U^T y, s) from numpy's SVD: the reference for what ``spectrum`` computes from a Gram matrix."""
+    u, sv, _ = np.linalg.svd(f, full_matrices=False)
+    keep = sv > sv.max() * 1e-8
+    return u[:, keep].T @ y, sv[keep] ** 2
+
+
+@pytest.mark.parametrize("n,d", [(40, 8), (12, 30)])  # more samples than features, and fewer
+def test_evidence_is_the_gaussian_marginal_likelihood(n: int, d: int) -> None:
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(n, d))
+    y = rng.normal(size=n)
+    z, s = _z(f, y)
+    for alpha, beta in [(0.5, 2.0), (3.0, 0.7)]:
+        # y ~ N(0, I / beta + F F^T / alpha): Bayesian linear regression with the weights integrated out.
+        reference = multivariate_normal(np.zeros(n), np.eye(n) / beta + f @ f.T / alpha).logpdf(y)
+        assert evidence(y, z, s, d, alpha, beta) == pytest.approx(reference, rel=1e-9)
+    # The Gram-matrix route gives the same spectrum and projections.
+    s2, v, u = spectrum(f)
+    z2 = (v.T @ (f.T @ y)) / np.sqrt(s2) if u is None else u.T @ y
+    assert np.allclose(np.sort(s2), np.sort(s)) and np.allclose(np.sort(np.abs(z2)), np.sort(np.abs(z)))
+
+
+def test_fixed_point_maximises_the_evidence() -> None:
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(60, 10))
+    y = f @ rng.normal(size=10) + 0.3 * rng.normal(size=60)
+    z, s = _z(f, y)
+    alpha, beta = _maximise(y, z, s)
+    best = evidence(y, z, s, 10, alpha, beta)
+    for da, db in [(1.1, 1), (0.9, 1), (1, 1.1), (1, 0.9), (1.3, 0.8)]:
+        assert evidence(y, z, s, 10, alpha * da, beta * db) < best
+    assert beta == pytest.approx(1 / 0.3 ** 2, rel=0.5)  # the noise precision it was made with
+
+
+def test_logme_prefers_features_that_carry_the_labels() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 300)
+    informative = rng.normal(size=(300, 32)) * 0.5
+    informative[:, :3] += np.eye(3)[y] * 3  # three features encode the class
+    noise = rng.normal(size=(300, 32))
+    assert logme(informative, y) > logme(noise, y)
+    assert np.isfinite(logme(noise, y))
+
+
+def test_knn_loo_equals_scikit_learn() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 90)
+    x = rng.normal(size=(90, 6)) + np.eye(3)[y] @ rng.normal(size=(3, 6))
+    for k in (1, 5):
+        ours = knn_loo_accuracy(x, y, k=k, chunk=32)
+        reference = cross_val_score(KNeighborsClassifier(n_neighbors=k, metric="cosine"), x, y, cv=LeaveOneOut()).mean()
+        assert ours == pytest.approx(reference)
