@@ -68,12 +68,20 @@ def load_data(workdir: Path, cache_path: Path) -> FinetuneData:
 
 
 def train_transform(data_cfg: dict[str, Any], augment: Augment) -> Callable:
-    """timm's training transform for the backbone's own preprocessing, with the dataset's overrides."""
+    """timm's training transform for the backbone's own preprocessing, with the dataset's overrides.
+
+    ``augment.scale`` is the crop's area relative to the *evaluation* view: the cache (and so the
+    stage-one head) saw a centre crop of ``crop_pct`` of each side, so a crop of scale 1 covers that
+    area, not the whole image. Measured on ELPV (EfficientNet-Lite0): whole-image training views
+    against centre-crop cached features gave a first image epoch train loss of 2.4 against 0.33 on
+    the cache, with no augmentation at all.
+    """
+    area = data_cfg["crop_pct"] ** 2 if data_cfg.get("crop_mode", "center") == "center" else 1.0
     return timm.data.create_transform(
         input_size=tuple(data_cfg["input_size"]), is_training=True, interpolation=data_cfg["interpolation"],
         mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]), hflip=augment.hflip, vflip=augment.vflip,
         color_jitter=augment.color_jitter, auto_augment=augment.auto_augment, re_prob=augment.re_prob,
-        scale=tuple(augment.scale), ratio=tuple(augment.ratio))
+        scale=tuple(v * area for v in augment.scale), ratio=tuple(augment.ratio))
 
 
 def eval_transform(data_cfg: dict[str, Any]) -> Callable:

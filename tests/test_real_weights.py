@@ -48,7 +48,8 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = base / "run"
     (base / "exp.yaml").write_text(f"""
 workdir: {work}
-extract: {{data: {data}, backbones: [lite], backbones_file: {backbones}, image_size: [128], dtype: float32, batch_size: 16}}
+extract: {{data: {data}, backbones: [lite], backbones_file: {backbones}, image_size: [128], dtype: float32, batch_size: 16,
+           split_ratios: [0.5, 0.3, 0.2]}}
 probe: {{ordinal: true, bootstrap: 200}}
 finetune:
   top: 1
@@ -75,10 +76,11 @@ def test_real_weights_end_to_end_no_image_epoch_collapses(real_run: Path) -> Non
         rows = list(csv.DictReader(fh))
     assert [r["source"] for r in rows] == ["cache", "images", "images", "images"]
     cache = rows[0]
+    n_val = 72  # 30% of 240: one image is 0.014 of accuracy, its standard error about 0.06
     for row in rows[1:]:
         # Before the fix: train loss 124, val loss 3.4 -> 6.6 -> 30 -> 67, val accuracy 0.44 -> 0.19.
         assert float(row["val_loss"]) < 1.5 * float(cache["val_loss"]), rows
-        assert float(row["val_accuracy"]) >= float(cache["val_accuracy"]) - 0.15, rows
+        assert float(row["val_accuracy"]) >= float(cache["val_accuracy"]) - 14 / n_val, rows  # ~3 standard errors
         assert float(row["train_loss"]) < 20 * float(cache["train_loss"]), rows
     summary = json.loads((real_run / "finetune" / "summary.json").read_text())
     (result,) = summary["results"] if "results" in summary else summary
