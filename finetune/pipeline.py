@@ -208,12 +208,12 @@ def run_finetune(*, workdir: Path, spec: FinetuneSpec, top: int = 3, backbones: 
         studies.append({"name": target.name, "optimizer": result["optimizer"], "trials": summary["trials"],
                         "probe_val": target.probe.get("val")})
     plot_searches(studies, metric, out / "search.png")
-    text = render_summary(results, metric=metric, workdir=workdir,
+    agreement, taus = stage_agreement(results, metric)
+    text = render_summary(results, metric=metric, workdir=workdir, agreement=(agreement, taus),
                           random_weights=any(r["weights"] == "random" for r in results))
     atomic_write_text(out / "summary.md", text)
     atomic_write_text(out / "summary.json", json.dumps({"metric": metric, "results": results}, indent=2, default=str))
     table = format_table(summary_rows(results, metric))
-    agreement, taus = stage_agreement(results, metric)
     if len(agreement) > 1:
         table += "\n\nStage one against stage two:\n" + format_table(agreement)
         if taus:

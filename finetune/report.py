@@ -123,7 +123,9 @@ def stage_agreement(results: Sequence[dict[str, Any]], metric: str) -> tuple[lis
     return rows, taus
 
 
-def render_summary(results: Sequence[dict[str, Any]], *, metric: str, workdir: Path, random_weights: bool) -> str:
+def render_summary(results: Sequence[dict[str, Any]], *, metric: str, workdir: Path, random_weights: bool,
+                   agreement: tuple[list[dict[str, Any]], dict[str, float]] | None = None) -> str:
+    """``summary.md``; ``agreement`` is :func:`stage_agreement`'s result when the caller already has it."""
     lines = ["# Fine-tuning summary", "",
              f"Selection by validation {metric}; the best trial of each backbone tested once (95% bootstrap CIs). "
              "Latency: the whole fine-tuned model as ONNX under ONNX Runtime, batch 1.", ""]
@@ -131,7 +133,7 @@ def render_summary(results: Sequence[dict[str, Any]], *, metric: str, workdir: P
         lines += ["**Some backbones use RANDOM weights (--no-pretrained): the numbers say nothing about pretrained "
                   "quality.**", ""]
     lines += [format_table(summary_rows(results, metric)), ""]
-    agreement, taus = stage_agreement(results, metric)
+    agreement, taus = agreement or stage_agreement(results, metric)
     if agreement:
         lines += ["## Stage one against stage two", "",
                   "Does the cheap ranking pick what fine-tuning confirms? Stage-one scores (rank) of the backbones "

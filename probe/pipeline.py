@@ -88,11 +88,15 @@ def cross_validate(configs: list[HeadConfig], x: np.ndarray, y: np.ndarray, *, f
     return np.asarray(out)
 
 
-def transfer_scores(train: Any, val: Any, name: str) -> dict[str, float]:
-    """LogME and kNN leave-one-out accuracy on the labelled (train + val, unaugmented) features: a ranking
-    that trains nothing, shown beside the probe's so a user can see whether it agrees."""
-    x = np.concatenate([train.features[train.views == 0], val.features]).astype(np.float32)
-    y = np.concatenate([train.labels[train.views == 0], val.labels])
+def labelled(train: Any, val: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The plain (unaugmented) train features and the validation ones, with their labels: all that is not test."""
+    return (np.concatenate([train.features[train.views == 0], val.features]),
+            np.concatenate([train.labels[train.views == 0], val.labels]))
+
+
+def transfer_scores(x: np.ndarray, y: np.ndarray, name: str) -> dict[str, float]:
+    """LogME and kNN leave-one-out accuracy on the labelled features: a ranking that trains nothing, shown
+    beside the probe's so a user can see whether it agrees."""
     t0 = time.perf_counter()
     score = logme(x, y)
     t1 = time.perf_counter()
@@ -124,9 +128,8 @@ def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline
 
     cv = None
     scores = None
+    x_all, y_all = labelled(train, val)
     if folds:
-        x_all = np.concatenate([train.features[train.views == 0], val.features])
-        y_all = np.concatenate([train.labels[train.views == 0], val.labels])
         if info["views"]:
             log.info("%s: cross-validation uses the plain (unaugmented) features", name)
         per_fold = cross_validate(configs, x_all, y_all, folds=folds, num_classes=c, metric=metric, grid=grid,
@@ -134,7 +137,7 @@ def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline
         scores = list(per_fold.mean(0))
         cv = {"mean": per_fold.mean(0), "std": per_fold.std(0)}
 
-    transfer = transfer_scores(train, val, name)
+    transfer = transfer_scores(x_all, y_all, name)
     t_grid = time.perf_counter()
     trained = train_grid(configs, x_train=train.features, y_train=train.labels, x_val=val.features, y_val=val.labels,
                          num_classes=c, metric=metric, options=grid.train, seed=seed, device=device,
