@@ -31,6 +31,7 @@ demo: setup
 	@echo "Demo outputs in runs/demo/: probe/leaderboard.md, probe/results.csv, probe/confusion/, profiling/performance.csv, profiling/pareto.png, finetune/summary.md, finetune/search.png, finetune/best/, finetune/gradcam/"
 
 bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/startup.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/extract_overhead.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/probe_vs_naive.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/search_nevergrad_vs_random.py

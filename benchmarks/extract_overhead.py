@@ -22,13 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from configs.extract import ExtractSettings  # noqa: E402
 from extract.backbones import BackboneSpec  # noqa: E402
-from extract.dataset import load_dataset  # noqa: E402
-from extract.device import pick_device  # noqa: E402
+from extract.dataset import default_workers, load_dataset  # noqa: E402
 from extract.extractor import _Forward, extract_one  # noqa: E402
-from extract.images import load_rgb  # noqa: E402
 from extract.models import Weights, create_backbone, preprocessing  # noqa: E402
-from extract.pipeline import default_workers  # noqa: E402
+from runtime.device import pick_device  # noqa: E402
+from runtime.images import load_rgb  # noqa: E402
 
 
 def pure_forward(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
@@ -75,9 +75,9 @@ def main() -> int:
             forward_t.append(pure_forward(model, random_batches, device))
             real_t.append(pure_forward(model, real_batches, device))
             t0 = time.perf_counter()
-            extract_one(spec=spec, model_factory=lambda: (model, []), weights=weights, data_cfg=data_cfg,
-                        size_kwargs=size_kwargs, dataset=dataset, workdir=Path(tmp), device=device,
-                        batch_size=args.batch_size, workers=workers, force=True, progress=False)
+            settings = ExtractSettings(data="demo", workdir=Path(tmp), batch_size=args.batch_size, workers=workers,
+                                       force=True, progress=False)
+            extract_one(spec, lambda: (model, []), weights, data_cfg, size_kwargs, dataset, device, settings)
             extract_t.append(time.perf_counter() - t0)
     a, r, b = statistics.median(forward_t), statistics.median(real_t), statistics.median(extract_t)
     print(f"(a) pure forward, random tensors    : {a:7.2f} s  ({n / a:7.1f} img/s)  runs {[round(t, 2) for t in forward_t]}")

@@ -25,11 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.pipeline import default_workers, extract_features  # noqa: E402
+from configs.extract import ExtractSettings  # noqa: E402
+from configs.finetune import load_tuning  # noqa: E402
+from configs.probe import ProbeSettings  # noqa: E402
+from extract.dataset import default_workers  # noqa: E402
+from extract.pipeline import extract_features  # noqa: E402
 from finetune.data import load_data  # noqa: E402
 from finetune.pipeline import select_targets  # noqa: E402
-from finetune.space import load_spec  # noqa: E402
-from finetune.trainer import run_trial  # noqa: E402
+from finetune.trainer import TrialSetup, run_trial  # noqa: E402
 from probe.pipeline import run_probe  # noqa: E402
 
 
@@ -45,9 +48,10 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     workers = default_workers()
     t0 = time.perf_counter()
-    extract_features(data="demo", backbones=[args.backbone], workdir=work, pretrained=False,
-                     image_sizes=[args.image_size], batch_size=64, workers=workers, device=str(device), progress=False)
-    run_probe(workdir=work, grid=False, device=str(device), n_boot=100, progress=False)
+    extract_features(ExtractSettings(data="demo", backbones=[args.backbone], workdir=work, pretrained=False,
+                                     image_size=[args.image_size], workers=workers, device=device.type,
+                                     progress=False))
+    run_probe(ProbeSettings(workdir=work, device=device.type, bootstrap=100, progress=False))
     print(f"setup (extract + probe): {time.perf_counter() - t0:.1f} s")
     targets, metric = select_targets(work, top=1, backbones=None, metric=None)
     data = load_data(work, targets[0].cache)
@@ -55,13 +59,13 @@ def main() -> int:
     metrics: dict[str, float] = {}
     for r in range(args.repeats):
         for mode in ("backbone", "cache"):
-            spec = load_spec(overlay={"train": {"epochs": args.epochs, "frozen_from_cache": mode == "cache",
+            tuning = load_tuning(overlay={"train": {"epochs": args.epochs, "frozen_from_cache": mode == "cache",
                                                 "patience": args.epochs + 1},
                                       "defaults": {"frozen_epochs": args.epochs, "last_block_epochs": 0},
                                       "augment": {"hflip": 0.0, "color_jitter": 0.0}})
             t = time.perf_counter()
-            outcome = run_trial(target=targets[0], data=data, params=spec.defaults, spec=spec, metric=metric,
-                                folder=work / "bench" / f"{mode}-{r}", device=device, seed=0, data_workers=workers)
+            setup = TrialSetup(metric=metric, device=device, data_workers=workers)
+            outcome = run_trial(targets[0], data, tuning.defaults, tuning, work / "bench" / f"{mode}-{r}", setup)
             times[mode].append(time.perf_counter() - t)
             metrics[mode] = outcome.metric
             print(f"  repeat {r + 1}: {mode:8s} {times[mode][-1]:7.2f} s  (val {metric} {outcome.metric:.4f})")

@@ -33,15 +33,15 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache import open_cache  # noqa: E402
+from configs.extract import ExtractSettings  # noqa: E402
+from configs.probe import load_grid  # noqa: E402
 from extract.backbones import BackboneSpec  # noqa: E402
-from extract.dataset import load_dataset  # noqa: E402
-from extract.device import pick_device  # noqa: E402
+from extract.dataset import default_workers, load_dataset  # noqa: E402
 from extract.extractor import ImageRows, RowPlan, extract_one  # noqa: E402
 from extract.models import Weights, create_backbone, preprocessing  # noqa: E402
-from extract.pipeline import default_workers  # noqa: E402
 from probe.baseline import logreg_baseline  # noqa: E402
-from probe.grid import load_grid  # noqa: E402
-from probe.train import train_grid  # noqa: E402
+from probe.train import Examples, Fit, train_grid  # noqa: E402
+from runtime.device import pick_device  # noqa: E402
 
 
 def naive(model, dataset, data_cfg, *, epochs: int, batch_size: int, workers: int, lr: float, device) -> tuple[float, float]:
@@ -88,8 +88,8 @@ def naive(model, dataset, data_cfg, *, epochs: int, batch_size: int, workers: in
 def head_vs_logreg(x_train, y_train, x_val, y_val, *, grid, num_classes: int, device) -> dict:
     """The whole grid (timed) and logreg, the best of each chosen by validation accuracy."""
     t0 = time.perf_counter()
-    trained = train_grid(grid.heads, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
-                         num_classes=num_classes, metric="accuracy", options=grid.train, device=device)
+    trained = train_grid(grid.heads, Examples(x_train, y_train), Examples(x_val, y_val), num_classes,
+                         Fit(metric="accuracy", options=grid.train, device=device))
     seconds = time.perf_counter() - t0
     best = max(trained, key=lambda t: t.val_metric)
     lr = logreg_baseline(x_train, y_train, x_val, y_val, metric="accuracy", num_classes=num_classes)
@@ -111,8 +111,8 @@ def linear_heads_10k(seed: int = 0) -> tuple[float, int, int]:
     grid = load_grid()
     linear = [h for h in grid.heads if h.type == "linear"]
     t0 = time.perf_counter()
-    res = train_grid(linear, x_train=x[:7000], y_train=y[:7000], x_val=x[7000:8500], y_val=y[7000:8500], num_classes=c,
-                     options=grid.train)
+    res = train_grid(linear, Examples(x[:7000], y[:7000]), Examples(x[7000:8500], y[7000:8500]), c,
+                     Fit(options=grid.train))
     return time.perf_counter() - t0, len(linear), max(len(r.history) for r in res)
 
 
@@ -142,9 +142,9 @@ def main() -> int:
         naive_s, _ = naive(model, dataset, data_cfg, epochs=args.epochs, batch_size=args.batch_size,
                                    workers=workers, lr=1e-3, device=device)
         t0 = time.perf_counter()
-        result = extract_one(spec=spec, model_factory=lambda: (model, []), weights=weights, data_cfg=data_cfg,
-                             size_kwargs=size_kwargs, dataset=dataset, workdir=work, device=device,
-                             batch_size=args.batch_size, workers=workers, progress=False)
+        settings = ExtractSettings(data="demo", workdir=work, batch_size=args.batch_size, workers=workers,
+                                   progress=False)
+        result = extract_one(spec, lambda: (model, []), weights, data_cfg, size_kwargs, dataset, device, settings)
         extract_s = time.perf_counter() - t0
         grid = load_grid()
         with open_cache(result.path) as fc:

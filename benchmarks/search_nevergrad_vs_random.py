@@ -21,15 +21,15 @@ from pathlib import Path
 
 import nevergrad as ng
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache import list_caches, open_cache  # noqa: E402
+from configs.extract import ExtractSettings  # noqa: E402
+from configs.probe import GridTraining, HeadConfig  # noqa: E402
 from extract.pipeline import extract_features  # noqa: E402
 from finetune.search import delegated_name, make_optimizer  # noqa: E402
-from probe.grid import HeadConfig, TrainOptions  # noqa: E402
-from probe.train import train_grid  # noqa: E402
+from probe.train import Fit, train_grid  # noqa: E402
 
 DEFAULT = {"lr": 1e-3, "weight_decay": 1e-2, "dropout": 0.0, "epochs": 10, "hidden": 256}
 
@@ -50,11 +50,11 @@ def main() -> int:
     p.add_argument("--backbone", default="test_efficientnet.r160_in1k")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
-    extract_features(data="demo", backbones=[args.backbone], workdir=work, pretrained=False, image_sizes=[64],
-                     batch_size=64, workers=0, device="cpu", progress=False)
+    extract_features(ExtractSettings(data="demo", backbones=[args.backbone], workdir=work, pretrained=False,
+                                     image_size=[64], workers=0, device="cpu", progress=False))
     with open_cache(list_caches(work)[0].path) as fc:
         train, val = fc.load("train"), fc.load("val")
-    options = TrainOptions(batch_size=64, warmup_epochs=1, standardize=True)
+    fit = Fit(metric="accuracy", options=GridTraining(batch_size=64, warmup_epochs=1, standardize=True))
     calls = [0]
 
     def accuracy(point: dict) -> float:
@@ -62,9 +62,7 @@ def main() -> int:
         config = HeadConfig(type="mlp", hidden=(int(point["hidden"]),), lr=float(point["lr"]),
                             weight_decay=float(point["weight_decay"]), dropout=float(point["dropout"]),
                             epochs=int(point["epochs"]), patience=30)
-        (trained,) = train_grid([config], x_train=train.features, y_train=train.labels, x_val=val.features,
-                                y_val=val.labels, num_classes=len(fc.classes), metric="accuracy", options=options,
-                                seed=0, device=torch.device("cpu"))
+        (trained,) = train_grid([config], train, val, len(fc.classes), fit)
         return trained.val_metric
 
     results: dict[str, list[float]] = {"nevergrad": [], "random": []}

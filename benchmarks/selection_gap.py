@@ -16,20 +16,18 @@ and the gap between them (validation minus test: the selection's optimism), and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache import list_caches, open_cache  # noqa: E402
-from probe.grid import load_grid  # noqa: E402
+from configs.probe import load_grid  # noqa: E402
 from probe.metrics import fast_metric  # noqa: E402
 from probe.pipeline import choose  # noqa: E402
-from probe.train import predict_proba, train_grid  # noqa: E402
+from probe.train import Fit, predict_proba, train_grid  # noqa: E402
 
 
 def main() -> int:
@@ -45,10 +43,8 @@ def main() -> int:
         with open_cache(entry.path) as fc:
             train, val, test = fc.load("train"), fc.load("val"), fc.load("test")
         for rule, smooth in (("best", 1), ("smoothed", args.smooth)):
-            options = dataclasses.replace(grid.train, smooth_epochs=smooth)
-            trained = train_grid(grid.heads, x_train=train.features, y_train=train.labels, x_val=val.features,
-                                 y_val=val.labels, num_classes=len(fc.classes), metric=args.metric, options=options,
-                                 seed=0, device=torch.device("cpu"))
+            options = grid.train.model_copy(update={"smooth_epochs": smooth})
+            trained = train_grid(grid.heads, train, val, len(fc.classes), Fit(metric=args.metric, options=options))
             chosen = trained[choose(trained, args.metric)]
             test_value = fast_metric(args.metric, test.labels, predict_proba(chosen.head, test.features))
             gap = chosen.val_metric - test_value

@@ -1,6 +1,6 @@
 """The HDF5 feature store shared by every stage: schema, resumable writer, reader."""
 
-from cache.reader import CacheEntry, CacheError, CachedFeatures, FeatureCache, list_caches, open_cache, read_key
+from cache.reader import CachedFeatures, CacheEntry, CacheError, FeatureCache, list_caches, open_cache, read_key
 from cache.schema import cache_path, key_hash, make_key, partial_path
 
 __all__ = [

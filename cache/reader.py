@@ -20,9 +20,10 @@ import h5py
 import numpy as np
 
 from cache import schema
+from runtime.errors import UserError
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache is missing, incomplete or unreadable; the message says to run ``extract``."""
 
 

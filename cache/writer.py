@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,19 @@ def resume_point(path: Path, key: dict[str, Any]) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Rows:
+    """What each row of a cache is (image id, label, split, augmented view), the class names, and the
+    fingerprint of the annotations those came from."""
+
+    classes: Sequence[str]
+    ids: Sequence[str]
+    labels: np.ndarray
+    splits: Sequence[str]
+    views: np.ndarray
+    annotation_fingerprint: str
+
+
 class CacheWriter:
     """Appends feature rows to ``<path>.partial`` and publishes ``path`` when done."""
 
@@ -49,12 +63,7 @@ class CacheWriter:
         path: Path,
         *,
         key: dict[str, Any],
-        classes: Sequence[str],
-        ids: Sequence[str],
-        labels: np.ndarray,
-        splits: Sequence[str],
-        views: np.ndarray,
-        annotation_fingerprint: str,
+        rows: Rows,
         feature_dim: int,
         map_shape: tuple[int, ...] | None,
         dtype: str,
@@ -63,7 +72,7 @@ class CacheWriter:
     ) -> None:
         self.path = Path(path)
         self.partial = schema.partial_path(self.path)
-        self.num_rows = len(ids)
+        self.num_rows = len(rows.ids)
         self.rows_done = start_row
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if start_row > 0:
@@ -78,14 +87,14 @@ class CacheWriter:
                          chunks=(min(n, max(1, 4096 * 256 // max(feature_dim, 1))), feature_dim))
         if map_shape is not None:
             f.create_dataset(schema.MAPS, shape=(n, *map_shape), dtype="float16", chunks=(1, *map_shape))
-        f.create_dataset(schema.LABELS, data=np.asarray(labels, dtype=np.int64))
-        f.create_dataset(schema.SPLIT, data=np.asarray([s.encode() for s in splits], dtype="S5"))
-        f.create_dataset(schema.IDS, data=list(ids), dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset(schema.VIEW, data=np.asarray(views, dtype=np.int16))
+        f.create_dataset(schema.LABELS, data=np.asarray(rows.labels, dtype=np.int64))
+        f.create_dataset(schema.SPLIT, data=np.asarray([s.encode() for s in rows.splits], dtype="S5"))
+        f.create_dataset(schema.IDS, data=list(rows.ids), dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset(schema.VIEW, data=np.asarray(rows.views, dtype=np.int16))
         f.attrs[schema.ATTR_KEY] = json.dumps(key, sort_keys=True)
         f.attrs[schema.ATTR_KEY_HASH] = schema.key_hash(key)
-        f.attrs[schema.ATTR_CLASSES] = json.dumps(list(classes))
-        f.attrs[schema.ATTR_ANNOTATIONS] = annotation_fingerprint
+        f.attrs[schema.ATTR_CLASSES] = json.dumps(list(rows.classes))
+        f.attrs[schema.ATTR_ANNOTATIONS] = rows.annotation_fingerprint
         f.attrs[schema.ATTR_META] = json.dumps(meta, default=str)
         # Key fields also as plain attributes, for h5dump and other tools.
         for name in ("backbone", "model", "weights", "dtype"):
@@ -129,9 +138,7 @@ class CacheWriter:
             self.file.close()
 
 
-def update_annotations(
-    path: Path, *, classes: Sequence[str], labels: np.ndarray, splits: Sequence[str], annotation_fingerprint: str
-) -> None:
+def update_annotations(path: Path, rows: Rows) -> None:
     """Rewrite labels, splits and class names of a complete cache in place (features untouched).
 
     Used when only the split assignment or labels changed (a different ``--fold``):
@@ -141,8 +148,8 @@ def update_annotations(
     with h5py.File(path, "r+") as f:
         f.attrs[schema.ATTR_COMPLETE] = False
         f.flush()
-        f[schema.LABELS][...] = np.asarray(labels, dtype=np.int64)
-        f[schema.SPLIT][...] = np.asarray([s.encode() for s in splits], dtype="S5")
-        f.attrs[schema.ATTR_CLASSES] = json.dumps(list(classes))
-        f.attrs[schema.ATTR_ANNOTATIONS] = annotation_fingerprint
+        f[schema.LABELS][...] = np.asarray(rows.labels, dtype=np.int64)
+        f[schema.SPLIT][...] = np.asarray([s.encode() for s in rows.splits], dtype="S5")
+        f.attrs[schema.ATTR_CLASSES] = json.dumps(list(rows.classes))
+        f.attrs[schema.ATTR_ANNOTATIONS] = rows.annotation_fingerprint
         f.attrs[schema.ATTR_COMPLETE] = True

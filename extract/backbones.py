@@ -13,11 +13,12 @@ import timm
 import yaml
 
 from configs import config_file
+from runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """A backbone name or set cannot be resolved; the message suggests what to use."""
 
 

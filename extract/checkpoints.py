@@ -35,12 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.errors import UserError
+
 log = logging.getLogger(__name__)
 
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A weights file cannot be loaded into the model; the message says which keys and what to do."""
 
 

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from extract.config import atomic_write_text
-from extract.images import IMAGE_SUFFIXES, check_readable
+from configs.extract import ExtractSettings
+from runtime.errors import UserError
+from runtime.files import atomic_write_text
+from runtime.images import IMAGE_SUFFIXES, check_readable
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ SPLITS = ("train", "val", "test")
 _HASH_BYTES = 1 << 16  # bytes hashed at each end of a file for the fingerprint
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The data cannot be used as given; the message says what to change."""
 
 
@@ -343,3 +346,20 @@ def _read_dataset_json(workdir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def default_workers() -> int:
+    """Decoding workers: one per spare core, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def decode_workers(settings: ExtractSettings) -> int:
+    return default_workers() if settings.workers is None else settings.workers
+
+
+def dataset_for(settings: ExtractSettings) -> Dataset:
+    """``settings.data`` read, checked and split as ``settings`` say (before any model is loaded, so a bad
+    ``--data`` is reported at once)."""
+    return load_dataset(settings.data, workdir=settings.workdir, seed=settings.seed,
+                        split_ratios=settings.split_ratios, fold=settings.fold,
+                        max_unreadable=settings.max_unreadable, workers=max(decode_workers(settings), 1))

@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 
 from cache import schema
 from cache.reader import open_cache, read_key
-from cache.writer import CacheWriter, resume_point, update_annotations
+from cache.writer import CacheWriter, Rows, resume_point, update_annotations
+from configs.extract import ExtractSettings
 from extract.backbones import BackboneSpec
-from extract.dataset import Dataset
-from extract.device import autocast, empty_cache, is_out_of_memory
-from extract.images import load_rgb
+from extract.dataset import Dataset, decode_workers
 from extract.models import Weights, library_versions
+from runtime.device import autocast, empty_cache, is_out_of_memory
+from runtime.images import load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ class RowPlan:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def rows(self, dataset: Dataset) -> Rows:
+        return Rows(classes=dataset.classes, ids=self.ids, labels=self.labels, splits=self.splits, views=self.views,
+                    annotation_fingerprint=dataset.annotation_fingerprint)
 
 
 class ImageRows(torch.utils.data.Dataset):
@@ -213,42 +218,37 @@ def check_existing(path: Path, key: dict[str, Any], annotation_fingerprint: str)
 
 
 def extract_one(
-    *,
     spec: BackboneSpec,
     model_factory: Callable[[], tuple[nn.Module, list[str]]],
     weights: Weights,
     data_cfg: dict[str, Any],
+    size_kwargs: dict[str, Any],
     dataset: Dataset,
-    size_kwargs: dict[str, Any] | None = None,
-    workdir: Path,
     device: torch.device,
-    batch_size: int,
-    workers: int,
-    views: int = 0,
-    store_maps: bool = False,
-    dtype: str = "float16",
-    seed: int = 0,
-    force: bool = False,
-    progress: bool = True,
+    settings: ExtractSettings,
 ) -> ExtractResult:
     """Make sure ``features/<backbone>@<size>.h5`` exists for this key: reuse, relabel, resume or build."""
     t0 = time.perf_counter()
     size = int(data_cfg["input_size"][-1])
-    path = schema.cache_path(workdir, spec.name, size)
+    s = settings
+    views, seed, dtype, store_maps, batch_size = s.views, s.seed, s.dtype, s.store_maps, s.batch_size
+    workers = decode_workers(s)
+    path = schema.cache_path(s.workdir, spec.name, size)
     key = schema.make_key(
-        backbone=spec.name, model=spec.model, model_kwargs={**spec.kwargs, **(size_kwargs or {})}, weights=weights.tag, data_config=data_cfg,
-        dataset=dataset.content_fingerprint, annotations=dataset.annotation_fingerprint if views else None,
+        backbone=spec.name, model=spec.model, model_kwargs={**spec.kwargs, **size_kwargs}, weights=weights.tag,
+        data_config=data_cfg, dataset=dataset.content_fingerprint,
+        annotations=dataset.annotation_fingerprint if views else None,
         views=views, view_seed=seed if views else None, store_maps=store_maps, dtype=dtype,
     )
     plan = RowPlan.build(dataset, views)
-    if force:
+    rows = plan.rows(dataset)
+    if s.force:
         path.unlink(missing_ok=True)
         schema.partial_path(path).unlink(missing_ok=True)
     state = check_existing(path, key, dataset.annotation_fingerprint)
     if state is not None:
         if state == "relabel":
-            update_annotations(path, classes=dataset.classes, labels=plan.labels, splits=plan.splits,
-                               annotation_fingerprint=dataset.annotation_fingerprint)
+            update_annotations(path, rows)
             log.info("%s: labels/splits changed, features still valid; updated in place", path.name)
         with open_cache(path) as fc:
             dim = fc.feature_dim
@@ -275,8 +275,7 @@ def extract_one(
 
     def open_writer(pooled: np.ndarray, maps: np.ndarray | None) -> CacheWriter:
         return CacheWriter(
-            path, key=key, classes=dataset.classes, ids=plan.ids, labels=plan.labels, splits=plan.splits,
-            views=plan.views, annotation_fingerprint=dataset.annotation_fingerprint, feature_dim=pooled.shape[1],
+            path, key=key, rows=rows, feature_dim=pooled.shape[1],
             map_shape=tuple(maps.shape[1:]) if maps is not None else None, dtype=dtype, meta=meta, start_row=start,
         )
 
@@ -284,7 +283,7 @@ def extract_one(
     sink = _BackgroundWriter(open_writer)
     row = start
     bar = tqdm(total=len(plan), initial=start, desc=f"{spec.name}@{size}", unit="img", leave=False,
-               disable=not progress, dynamic_ncols=True)
+               disable=not s.progress, dynamic_ncols=True)
     try:
         for batch in loader:
             pooled, maps = forward(batch)

@@ -25,6 +25,7 @@ from torch import nn
 
 from extract.backbones import BackboneSpec
 from extract.checkpoints import CheckpointError, load_into
+from runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HF_DIR_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Pretrained weights cannot be had; the message says how to point at local ones."""
 
 

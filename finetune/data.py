@@ -18,8 +18,8 @@ import timm.data
 import torch
 
 from cache import CacheError, open_cache
-from extract.images import load_rgb
-from finetune.space import Augment
+from configs.finetune import Augment
+from runtime.images import load_rgb
 
 
 @dataclass(frozen=True)

@@ -10,21 +10,21 @@ import torch
 
 from finetune.data import FinetuneData, eval_transform
 from finetune.model import Target
-from finetune.trainer import predict_logits
+from finetune.trainer import TrialSetup, predict_logits
 from probe.metrics import bootstrap_ci, compute_metrics, default_top_k
 from probe.plots import plot_confusion
 
 
-def evaluate_test(model: torch.nn.Module, *, target: Target, data: FinetuneData, out: Path, metric: str,
-                  device: torch.device, n_boot: int, seed: int, workers: int, top_k: int | None = None
-                  ) -> dict[str, Any]:
-    """Test metrics with 95% bootstrap CIs and the confusion figure, written to ``out``."""
+def evaluate_test(model: torch.nn.Module, target: Target, data: FinetuneData, out: Path, setup: TrialSetup,
+                  n_boot: int) -> dict[str, Any]:
+    """Test metrics with 95% bootstrap CIs (``n_boot`` resamples) and the confusion figure, written to ``out``."""
+    metric, device, seed, workers = setup.metric, setup.device, setup.seed, setup.data_workers
     model.to(device)
     logits, labels = predict_logits(model, data.splits["test"], eval_transform(target.data_config), device=device,
                                     batch_size=64, workers=workers)
     proba = logits.softmax(1).cpu().numpy()
     y = labels.cpu().numpy()
-    k = top_k or default_top_k(len(data.classes))
+    k = default_top_k(len(data.classes))
     metrics = compute_metrics(y, proba, top_k=k, per_class=True)
     ci = bootstrap_ci(y, proba, n_boot=n_boot, seed=seed, top_k=k)
     plot_confusion(np.asarray(metrics["confusion"]), data.classes,

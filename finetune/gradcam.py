@@ -23,6 +23,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from extract.extractor import feature_map_nchw
+from finetune.data import Split
 
 
 class KNNEvidence(nn.Module):
@@ -125,13 +126,14 @@ def pick_images(labels: Sequence[int], n: int) -> list[int]:
     return sorted(out)
 
 
-def explain(model: nn.Module, *, paths: Sequence[Path], labels: Sequence[int], classes: Sequence[str],
-            data_cfg: dict, path: Path, n: int = 20, override: str | None = None,
-            device: torch.device | None = None) -> Path:
-    """A Grad-CAM grid of ``n`` images (what the model saw, its map, the overlay) for the predicted classes."""
+def explain(model: nn.Module, images: Split, classes: Sequence[str], data_cfg: dict, path: Path, n: int = 20,
+            override: str | None = None, device: torch.device | None = None) -> Path:
+    """A Grad-CAM grid of ``n`` of ``images`` (what the model saw, its map, the overlay) for the predicted
+    classes."""
+    paths, labels = images.paths, images.labels.tolist()
     import timm.data
 
-    from extract.images import load_rgb
+    from runtime.images import load_rgb
 
     device = device or torch.device("cpu")
     model = for_gradcam(model)

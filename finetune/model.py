@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from cache.schema import safe_name
-from extract.models import backbone_from_record, create_backbone
+from configs.probe import HeadConfig, load_grid
+from extract.models import WeightsError, backbone_from_record, create_backbone
 from finetune.data import FinetuneData
 from probe.classifier import ProbeClassifier, load_head
-from probe.grid import HeadConfig, load_grid
 from probe.heads import build_head, head_checkpoint, head_from_checkpoint
-from probe.train import feature_stats, train_grid
+from probe.train import Examples, Fit, feature_stats, train_grid
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,17 @@ class Target:
 
 
 def _backbone(record: dict[str, Any], **extra: Any) -> nn.Module:
-    spec, weights, size_kwargs = backbone_from_record(
+    tuning, weights, size_kwargs = backbone_from_record(
         model=record["model"], name=record["backbone"], model_kwargs=record.get("model_kwargs"),
         weights_tag=record["weights"], weights_location=record.get("weights_location"))
     try:
-        model, _ = create_backbone(spec, weights, **size_kwargs, **extra)
+        model, _ = create_backbone(tuning, weights, **size_kwargs, **extra)
     except TypeError as exc:  # e.g. VGG has no drop_path_rate
         if "drop_path_rate" not in str(exc):
             raise
         extra.pop("drop_path_rate", None)
         log.info("%s has no stochastic depth; drop_path_rate ignored", record["backbone"])
-        model, _ = create_backbone(spec, weights, **size_kwargs, **extra)
+        model, _ = create_backbone(tuning, weights, **size_kwargs, **extra)
     return model
 
 
@@ -85,9 +85,9 @@ def linear_probe_head(data: FinetuneData, metric: str, seed: int) -> tuple[nn.Mo
     the probe chose a head without weights (kNN)."""
     grid = load_grid()
     config = grid.default if grid.default.type == "linear" else HeadConfig(type="linear")
-    (trained,) = train_grid([config], x_train=data.train_features, y_train=data.train_labels, x_val=data.val_features,
-                            y_val=data.val_labels, num_classes=len(data.classes), metric=metric, options=grid.train,
-                            seed=seed, device=torch.device("cpu"))
+    (trained,) = train_grid([config], Examples(data.train_features, data.train_labels),
+                            Examples(data.val_features, data.val_labels), len(data.classes),
+                            Fit(metric=metric, options=grid.train, seed=seed))
     return trained.head, config
 
 
@@ -108,7 +108,7 @@ def build_classifier(target: Target, *, head_init: str, data: FinetuneData, metr
                 raise FileNotFoundError(f"{target.name}: the probe head {target.head_file} is missing; "
                                         "run `python -m probe` again, or use --head random")
             head, ckpt = load_head(target.head_file)
-            config = HeadConfig(**{**ckpt["config"], "hidden": tuple(ckpt["config"].get("hidden") or ())})
+            config = HeadConfig.model_validate(ckpt["config"])
             if config.trainable:
                 source = f"probe ({config.name})"
             else:
@@ -125,7 +125,7 @@ def save_checkpoint(path: Path, model: ProbeClassifier, head_config: HeadConfig,
                     info: dict[str, Any]) -> Path:
     """Atomically write a weights-only checkpoint of backbone + head."""
     head = model.head
-    dim = head.fc.in_features if hasattr(head, "fc") else head.mlp[0].in_features
+    dim = head.in_features
     ckpt = {"format": CHECKPOINT_FORMAT, "record": dict(record),
             "backbone_state": {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()},
             "head": head_checkpoint(head, head_config, dim=dim, num_classes=len(record["classes"]), info={}),
@@ -139,9 +139,12 @@ def save_checkpoint(path: Path, model: ProbeClassifier, head_config: HeadConfig,
 def load_checkpoint(path: Path, *, exportable: bool = False) -> tuple[ProbeClassifier, dict[str, Any]]:
     """A fine-tuned classifier (eval mode) from :func:`save_checkpoint`'s file."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{path}: checkpoint format {ckpt.get('format')!r}, this version reads format "
+                           f"{CHECKPOINT_FORMAT}; run `python -m finetune --restart` to train it again")
     extra = {"exportable": True} if exportable else {}
     with _BUILD_LOCK:
         backbone = _backbone(ckpt["record"], **extra)
     backbone.load_state_dict(ckpt["backbone_state"])
-    head = head_from_checkpoint(ckpt["head"])
+    head = head_from_checkpoint(ckpt["head"], f"{path} (its head)")
     return ProbeClassifier(backbone, head).eval(), ckpt

@@ -7,7 +7,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from cache import CacheError
-from extract.config import ConfigError, atomic_write_text
-from extract.console import format_table
-from extract.device import pick_device
+from configs.finetune import FinetuneSettings, TuningConfig
+from configs.settings import ConfigError
 from finetune.data import FinetuneData, load_data
 from finetune.deploy import export_and_time
 from finetune.evaluate import evaluate_test
@@ -25,11 +24,13 @@ from finetune.gradcam import explain
 from finetune.model import RECORD_KEYS, Target, load_checkpoint
 from finetune.report import plot_searches, render_summary, stage_agreement, summary_rows
 from finetune.search import Study, TrialRecord
-from finetune.space import FinetuneSpec
-from finetune.trainer import run_trial
+from finetune.trainer import TrialSetup, run_trial
 from probe.classifier import load_classifier
 from probe.metrics import METRICS
 from profiling.export import ExportError
+from runtime.console import format_table
+from runtime.device import pick_device
+from runtime.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class FinetuneOutputs:
     results: list[dict[str, Any]]
     summary: str
     folder: Path
+    metric: str  # the selection metric as resolved (the probe's unless --metric)
 
 
 def select_targets(workdir: Path, *, top: int, backbones: list[str] | None, metric: str | None
@@ -78,17 +80,17 @@ def _move_aside(folder: Path) -> None:
         log.info("--restart: the previous study is kept in %s", old)
 
 
-def _search(target: Target, data: FinetuneData, *, spec: FinetuneSpec, folder: Path, optimizer: str, ng_optimizer: str,
-            budget: int, workers: int, metric: str, head: str, device: torch.device, seed: int, data_workers: int,
-            progress: bool) -> Study:
-    study = Study(folder, spec, optimizer=optimizer, ng_optimizer=ng_optimizer, budget=budget, workers=workers,
-                  metric=metric, seed=seed)
-    bar = tqdm(total=study.budget, desc=f"{target.name} trials", unit="trial", disable=not progress, dynamic_ncols=True)
+def _search(target: Target, data: FinetuneData, tuning: TuningConfig, folder: Path, settings: FinetuneSettings,
+            setup: TrialSetup) -> Study:
+    s, metric = settings, setup.metric
+    study = Study(folder, tuning, optimizer=s.optimizer, ng_optimizer=s.ng_optimizer, budget=s.budget,
+                  workers=s.workers, metric=metric, seed=s.seed)
+    bar = tqdm(total=study.budget, desc=f"{target.name} trials", unit="trial", disable=not s.progress,
+               dynamic_ncols=True)
 
     def objective(n: int, point: dict[str, Any], stop: Any):
-        return run_trial(target=target, data=data, params=spec.params(point), spec=spec, metric=metric,
-                         folder=folder / f"trial-{n:03d}", head_init=head, device=device, seed=seed + n,
-                         data_workers=data_workers, progress=progress and workers == 1, stop=stop)
+        trial_setup = replace(setup, seed=setup.seed + n, progress=s.progress and s.workers == 1)
+        return run_trial(target, data, tuning.params(point), tuning, folder / f"trial-{n:03d}", trial_setup, stop)
 
     def on_end(record: TrialRecord) -> None:
         bar.update(1)
@@ -103,11 +105,11 @@ def _search(target: Target, data: FinetuneData, *, spec: FinetuneSpec, folder: P
     return study
 
 
-def _finish(target: Target, data: FinetuneData, study: Study, *, trials: list[dict[str, Any]], workdir: Path,
-            metric: str, device: torch.device, n_boot: int, seed: int, data_workers: int, latency: bool, provider: str
-            ) -> dict[str, Any]:
-    """Test the best trial once, export and time it, explain it; returns its summary entry."""
-    out = workdir / "finetune"
+def _finish(target: Target, data: FinetuneData, study: Study, trials: list[dict[str, Any]],
+            settings: FinetuneSettings, setup: TrialSetup) -> dict[str, Any]:
+    """Test the best trial once, export and time it; returns its summary entry."""
+    metric = setup.metric
+    out = settings.workdir / "finetune"
     name = target.slug
     result: dict[str, Any] = {
         "name": target.name, "optimizer": f"{study.kind}" + (f" ({study.delegate})" if study.kind == "nevergrad" and study.delegate else ""),
@@ -132,14 +134,13 @@ def _finish(target: Target, data: FinetuneData, study: Study, *, trials: list[di
         shutil.copy2(source, checkpoint)
         model, _ = load_checkpoint(checkpoint)
         log.info("%s: testing trial %d once on the test split", target.name, best.number)
-        evaluated = evaluate_test(model, target=target, data=data, out=best_dir, metric=metric, device=device,
-                                  n_boot=n_boot, seed=seed, workers=data_workers)
+        evaluated = evaluate_test(model, target, data, best_dir, setup, settings.bootstrap)
         record = {"backbone": target.name, "trial": best.number, "source_checkpoint": identity, "params": best.point, "metric": metric,
                   "val": best.metric, "best_epoch": best.best_epoch, **evaluated}
-        if latency:
+        if settings.latency:
             try:
-                record["latency"] = export_and_time(checkpoint, data_cfg=target.data_config, images=data.splits["val"],
-                                                    out=best_dir, provider=provider)
+                record["latency"] = export_and_time(checkpoint, target.data_config, data.splits["val"], best_dir,
+                                                    settings.provider)
             except (ExportError, RuntimeError) as exc:
                 log.warning("%s: no ONNX latency (%s)", target.name, exc)
         atomic_write_text(metrics_path, json.dumps(record, indent=2))
@@ -152,18 +153,17 @@ def _finish(target: Target, data: FinetuneData, study: Study, *, trials: list[di
     return result
 
 
-def _explain(target: Target, data: FinetuneData, *, spec: FinetuneSpec, workdir: Path, device: torch.device,
+def _explain(target: Target, data: FinetuneData, tuning: TuningConfig, workdir: Path, device: torch.device,
              result: dict[str, Any]) -> None:
     """Grad-CAM grids of validation images for the fine-tuned model and for the probe classifier."""
-    if result.get("best") is None or spec.gradcam.images < 1:
+    if result.get("best") is None or tuning.gradcam.images < 1:
         return
     out = workdir / "finetune" / "gradcam"
     name = target.slug
-    override = next((layer for pattern, layer in spec.gradcam.target_layers.items()
+    override = next((layer for pattern, layer in tuning.gradcam.target_layers.items()
                      if fnmatch.fnmatch(target.record["model"], pattern) or fnmatch.fnmatch(target.record["backbone"], pattern)), None)
-    val = data.splits["val"]
-    kwargs = dict(paths=val.paths, labels=val.labels.tolist(), classes=data.classes, data_cfg=target.data_config,
-                  n=spec.gradcam.images, override=override, device=device)
+    kwargs = dict(images=data.splits["val"], classes=data.classes, data_cfg=target.data_config,
+                  n=tuning.gradcam.images, override=override, device=device)
     try:
         model, _ = load_checkpoint(Path(result["best_dir"]) / "best_model.pt")
         result["gradcam"] = str(explain(model, path=out / f"{name}.png", **kwargs))
@@ -175,16 +175,16 @@ def _explain(target: Target, data: FinetuneData, *, spec: FinetuneSpec, workdir:
                     target.name, type(exc).__name__, exc)
 
 
-def run_finetune(*, workdir: Path, spec: FinetuneSpec, top: int = 3, backbones: list[str] | None = None,
-                 optimizer: str = "nevergrad", ng_optimizer: str = "NGOpt", budget: int = 20, workers: int = 1,
-                 metric: str | None = None, head: str = "probe", device: str = "auto", seed: int = 0,
-                 data_workers: int = 0, n_boot: int = 1000, latency: bool = True, provider: str = "auto",
-                 restart: bool = False, progress: bool = True) -> FinetuneOutputs:
-    """Search each chosen backbone, test its best trial once, write ``finetune/``."""
-    workdir = Path(workdir)
-    targets, metric = select_targets(workdir, top=top, backbones=backbones, metric=metric)
-    dev = pick_device(device)
+def run_finetune(settings: FinetuneSettings, tuning: TuningConfig) -> FinetuneOutputs:
+    """Search each chosen backbone with ``tuning``, test its best trial once, write ``finetune/``."""
+    s = settings
+    workdir = s.workdir
+    targets, metric = select_targets(workdir, top=s.top, backbones=list(s.backbones), metric=s.metric)
+    dev = pick_device(s.device)
+    setup = TrialSetup(metric=metric, device=dev, head=s.head, seed=s.seed, data_workers=s.data_workers,
+                       progress=s.progress)
     out = workdir / "finetune"
+    optimizer, budget = s.optimizer, s.budget
     log.info("Fine-tuning %d backbone(s) on %s: %s; %s search, budget %d, selection by validation %s",
              len(targets), dev, ", ".join(t.name for t in targets), optimizer, 1 if optimizer == "none" else budget, metric)
     results, studies = [], []
@@ -192,18 +192,15 @@ def run_finetune(*, workdir: Path, spec: FinetuneSpec, top: int = 3, backbones: 
         if target.record["weights"] == "random":
             log.warning("%s: RANDOM backbone weights (the cache was extracted with --no-pretrained)", target.name)
         folder = out / target.slug
-        if restart:
+        if s.restart:
             _move_aside(folder)
         data = load_data(workdir, target.cache)
-        study = _search(target, data, spec=spec, folder=folder, optimizer=optimizer, ng_optimizer=ng_optimizer,
-                        budget=budget, workers=workers, metric=metric, head=head, device=dev, seed=seed,
-                        data_workers=data_workers, progress=progress)
+        study = _search(target, data, tuning, folder, s, setup)
         summary = study.summary()
         atomic_write_text(folder / "study.json", json.dumps({**summary, "backbone": target.name,
-                                                             "head": head, "spec_source": spec.source}, indent=2))
-        result = _finish(target, data, study, trials=summary["trials"], workdir=workdir, metric=metric, device=dev, n_boot=n_boot,
-                         seed=seed, data_workers=data_workers, latency=latency, provider=provider)
-        _explain(target, data, spec=spec, workdir=workdir, device=dev, result=result)
+                                                             "head": s.head, "spec_source": tuning.source}, indent=2))
+        result = _finish(target, data, study, summary["trials"], s, setup)
+        _explain(target, data, tuning, workdir, dev, result)
         results.append(result)
         studies.append({"name": target.name, "optimizer": result["optimizer"], "trials": summary["trials"],
                         "probe_val": target.probe.get("val")})
@@ -218,4 +215,4 @@ def run_finetune(*, workdir: Path, spec: FinetuneSpec, top: int = 3, backbones: 
         table += "\n\nStage one against stage two:\n" + format_table(agreement)
         if taus:
             table += "\nKendall's tau vs the fine-tuned ranking: " + ", ".join(f"{k} {v:+.2f}" for k, v in taus.items())
-    return FinetuneOutputs(results=results, summary=table, folder=out)
+    return FinetuneOutputs(results=results, summary=table, folder=out, metric=metric)

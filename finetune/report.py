@@ -12,9 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from extract.console import format_table  # noqa: E402
 from probe.leaderboard import fmt_number  # noqa: E402
 from probe.metrics import METRICS  # noqa: E402
+from runtime.console import format_table  # noqa: E402
 
 
 def _with_ci(value: float | None, ci: Sequence[float] | None) -> str:

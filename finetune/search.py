@@ -27,10 +27,12 @@ from typing import Any
 
 import nevergrad as ng
 
-from extract.config import ConfigError
-from finetune.space import FinetuneSpec, plain_value
+from configs.finetune import TuningConfig
+from configs.settings import ConfigError
+from finetune.space import parametrization, plain_value
 from finetune.trainer import StudyStopped, TrialOutcome
 from probe.metrics import METRICS
+from runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ OPTIMIZERS = ("nevergrad", "random", "none")
 FAILED_MARGIN = 1.0
 
 
-class StudyError(RuntimeError):
+class StudyError(UserError, RuntimeError):
     """The trial log cannot be continued with these options; the message says what to do."""
 
 
@@ -85,19 +87,19 @@ def delegated_name(optimizer: ng.optimizers.base.Optimizer) -> str:
 class Study:
     """The search of one backbone; ``run`` continues wherever its trial log stopped."""
 
-    def __init__(self, folder: Path, spec: FinetuneSpec, *, optimizer: str = "nevergrad", ng_optimizer: str = "NGOpt",
+    def __init__(self, folder: Path, tuning: TuningConfig, *, optimizer: str = "nevergrad", ng_optimizer: str = "NGOpt",
                  budget: int = 20, workers: int = 1, metric: str = "macro_f1", seed: int = 0) -> None:
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer: one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         if budget < 1 or workers < 1:
             raise ConfigError(f"budget and workers must be at least 1, got {budget} and {workers}")
-        self.folder, self.spec, self.kind, self.metric, self.seed = Path(folder), spec, optimizer, metric, seed
+        self.folder, self.tuning, self.kind, self.metric, self.seed = Path(folder), tuning, optimizer, metric, seed
         self.budget = 1 if optimizer == "none" else budget
         self.workers = min(workers, self.budget)
         self.ng_name = ng_optimizer
         self.log_path = self.folder / "trials.jsonl"
         self.header = {"event": "study", "optimizer": optimizer, "ng_optimizer": ng_optimizer if optimizer == "nevergrad"
-                       else None, "metric": metric, "seed": seed, "space": spec.fingerprint(),
+                       else None, "metric": metric, "seed": seed, "space": tuning.fingerprint(),
                        "workers": self.workers}
         self.trials: dict[int, TrialRecord] = {}
         self.delegate: str | None = None
@@ -142,10 +144,10 @@ class Study:
 
     # ------------------------------------------------------------------ running
     def _new_optimizer(self) -> ng.optimizers.base.Optimizer:
-        param = self.spec.parametrization(self.seed)
+        param = parametrization(self.tuning, self.seed)
         opt = make_optimizer(self.kind, self.ng_name, param, self.budget, self.workers)
         # Trial 0 is the known-good default configuration.
-        opt.suggest(self.spec.default_point())
+        opt.suggest(self.tuning.default_point())
         return opt
 
     def _ask(self, opt: ng.optimizers.base.Optimizer) -> ng.p.Parameter:
@@ -153,7 +155,7 @@ class Study:
         if self.delegate is None:
             self.delegate = delegated_name(opt)
             log.info("Search: %s over %d hyperparameters, budget %d, %d worker(s); optimizer %s%s", self.kind,
-                     len(self.spec.space), self.budget, self.workers, type(opt).__name__,
+                     len(self.tuning.space), self.budget, self.workers, type(opt).__name__,
                      f" (delegates to {self.delegate})" if self.delegate != type(opt).__name__ else "")
         return candidate
 
@@ -273,8 +275,8 @@ class Study:
         best = self.best()
         return {"optimizer": self.kind, "ng_optimizer": self.header["ng_optimizer"], "delegate": self.delegate,
                 "budget": self.budget, "workers": self.workers, "metric": self.metric, "seed": self.seed,
-                "space": self.spec.to_dict()["space"], "defaults": self.spec.defaults.to_dict(),
-                "space_fingerprint": self.spec.fingerprint(),
+                "space": self.tuning.to_dict()["space"], "defaults": self.tuning.defaults.to_dict(),
+                "space_fingerprint": self.tuning.fingerprint(),
                 "trials": [t.as_dict() for t in sorted(self.trials.values(), key=lambda t: t.number)],
                 "best": best.as_dict() if best else None}
 

@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from extract.console import write_csv
-from extract.device import autocast, empty_cache, is_out_of_memory
+from configs.finetune import TrialParams, TuningConfig
 from finetune.blocks import backbone_blocks
 from finetune.data import FinetuneData, Split, eval_transform, image_loader, train_transform
 from finetune.model import Target, build_classifier, save_checkpoint
-from finetune.space import FinetuneSpec, TrialParams
 from finetune.unfreeze import ProgressiveUnfreezer, default_schedule, stage_span
 from probe.metrics import METRICS, fast_metric
 from probe.train import class_weights
+from runtime.device import autocast, empty_cache, is_out_of_memory
+from runtime.files import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +79,35 @@ def _better(metric: str, a: float, b: float | None) -> bool:
     return b is None or (a > b if METRICS[metric] else a < b)
 
 
+@dataclass(frozen=True)
+class TrialSetup:
+    """What the trials of a study share besides the fine-tuning file: the selection metric (resolved), the
+    device, the head they start from (``probe`` or ``random``), the seed (trial n adds n), the image decoding
+    workers, and whether to show progress bars."""
+
+    metric: str
+    device: torch.device
+    head: str = "probe"
+    seed: int = 0
+    data_workers: int = 0
+    progress: bool = False
+
+
 class _Trial:
-    def __init__(self, *, target: Target, data: FinetuneData, params: TrialParams, spec: FinetuneSpec, metric: str,
-                 folder: Path, head_init: str, device: torch.device, seed: int, data_workers: int, progress: bool,
-                 stop: threading.Event | None) -> None:
-        self.target, self.data, self.params, self.spec, self.metric = target, data, params, spec, metric
-        self.opts = spec.train
-        self.folder, self.device, self.seed = folder, device, seed
-        self.data_workers, self.progress, self.stop = data_workers, progress, stop
+    def __init__(self, target: Target, data: FinetuneData, params: TrialParams, tuning: TuningConfig, folder: Path,
+                 setup: TrialSetup, stop: threading.Event | None) -> None:
+        self.target, self.data, self.params, self.tuning, self.metric = target, data, params, tuning, setup.metric
+        self.opts = tuning.train
+        self.folder, self.device, self.seed = folder, setup.device, setup.seed
+        self.data_workers, self.progress, self.stop = setup.data_workers, setup.progress, stop
+        device, metric, seed = setup.device, setup.metric, setup.seed
         self.model, self.head_config, self.head_source = build_classifier(
-            target, head_init=head_init, data=data, metric=metric, drop_rate=params.drop_rate,
+            target, head_init=setup.head, data=data, metric=metric, drop_rate=params.drop_rate,
             drop_path_rate=params.drop_path_rate, seed=seed)
         self.blocks = backbone_blocks(self.model.backbone, max_blocks=self.opts.max_blocks)
         schedule = default_schedule(params.frozen_epochs, params.last_block_epochs, params.final_lr_scale)
-        self.unfreezer = ProgressiveUnfreezer(
-            self.model.backbone, self.model.head, self.blocks, schedule, base_lr=params.lr,
-            layer_decay=params.layer_decay, weight_decay=params.weight_decay, optimizer=self.opts.optimizer,
-            freeze_bn_stats=self.opts.freeze_bn_stats)
+        self.unfreezer = ProgressiveUnfreezer(self.model.backbone, self.model.head, self.blocks, schedule, params,
+                                              self.opts)
         self.model.to(device)
         self.cuda = device.type == "cuda"
         if self.cuda and self.opts.channels_last:
@@ -107,7 +119,7 @@ class _Trial:
         # float16 autocast needs loss scaling; bfloat16 (preferred where supported) does not.
         use_scaler = self.cuda and self.opts.amp and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.train_tf = train_transform(target.data_config, spec.augment)
+        self.train_tf = train_transform(target.data_config, tuning.augment)
         self.eval_tf = eval_transform(target.data_config)
         self.history: list[dict[str, Any]] = []
         self.best: float | None = None
@@ -313,25 +325,22 @@ def predict_logits(model: torch.nn.Module, split: Split, transform: Any, *, devi
     return torch.cat(out), torch.cat(labels)
 
 
-def run_trial(*, target: Target, data: FinetuneData, params: TrialParams, spec: FinetuneSpec, metric: str, folder: Path,
-              head_init: str = "probe", device: torch.device, seed: int = 0, data_workers: int = 0,
-              progress: bool = False, stop: threading.Event | None = None) -> TrialOutcome:
+def run_trial(target: Target, data: FinetuneData, params: TrialParams, tuning: TuningConfig, folder: Path,
+              setup: TrialSetup, stop: threading.Event | None = None) -> TrialOutcome:
     """Train one configuration in ``folder``; a failure is returned as a failed outcome, never raised.
 
     :class:`StudyStopped` and ``KeyboardInterrupt`` propagate: the trial is unfinished, not failed.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    described = spec.to_dict()
+    described = tuning.to_dict()
     (folder / "config.json").write_text(json.dumps({
         "backbone": target.name, "params": params.to_dict(), "train": described["train"],
-        "augment": described["augment"], "metric": metric, "head": head_init, "seed": seed,
-        "device": str(device)}, indent=2))
+        "augment": described["augment"], "metric": setup.metric, "head": setup.head, "seed": setup.seed,
+        "device": str(setup.device)}, indent=2))
     t0 = time.perf_counter()
     trial = None
     try:
-        trial = _Trial(target=target, data=data, params=params, spec=spec, metric=metric, folder=folder,
-                       head_init=head_init, device=device, seed=seed, data_workers=data_workers, progress=progress,
-                       stop=stop)
+        trial = _Trial(target, data, params, tuning, folder, setup, stop)
         return trial.run()
     except (StudyStopped, KeyboardInterrupt):
         raise
@@ -340,7 +349,7 @@ def run_trial(*, target: Target, data: FinetuneData, params: TrialParams, spec: 
     except Exception as exc:
         if is_out_of_memory(exc):
             reason = f"out of memory (batch size {params.batch_size}): {str(exc).splitlines()[0]}"
-            empty_cache(device)
+            empty_cache(setup.device)
         else:
             reason = f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.debug("trial in %s crashed", folder, exc_info=True)

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from configs.finetune import TrainOptions, TrialParams
 from finetune.blocks import Block
+
+SGD_MOMENTUM = 0.9  # with Nesterov, as configs/finetune.yaml documents
 
 ALL = -1
 
@@ -68,14 +71,17 @@ def _decay_split(params: list[tuple[str, nn.Parameter]], weight_decay: float) ->
 class ProgressiveUnfreezer:
     """Owns requires_grad, BatchNorm modes and the optimizer's parameter groups of backbone + head."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, blocks: list[Block], schedule: list[Stage], *,
-                 base_lr: float, layer_decay: float = 0.75, weight_decay: float = 0.05, optimizer: str = "adamw",
-                 momentum: float = 0.9, freeze_bn_stats: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, blocks: list[Block], schedule: list[Stage],
+                 params: TrialParams, options: TrainOptions) -> None:
+        """``params`` gives the learning rate, layer decay and weight decay; ``options`` the optimizer and
+        whether BatchNorm keeps its running statistics."""
         if schedule[0].epoch != 0:
             raise ValueError("the first stage must start at epoch 0")
         self.backbone, self.head, self.blocks, self.schedule = backbone, head, blocks, schedule
-        self.layer_decay, self.weight_decay = layer_decay, weight_decay
-        self.freeze_bn_stats = freeze_bn_stats  # every block's, not only the frozen ones'
+        base_lr, optimizer = params.lr, options.optimizer
+        self.layer_decay, self.weight_decay = params.layer_decay, params.weight_decay
+        weight_decay = params.weight_decay
+        self.freeze_bn_stats = options.freeze_bn_stats  # every block's, not only the frozen ones'
         self.named = dict(backbone.named_parameters())
         self.unfrozen = 0  # blocks trainable so far (tail first)
         self.stage = schedule[0]
@@ -86,7 +92,7 @@ class ProgressiveUnfreezer:
         if optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(groups, lr=base_lr)
         elif optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=True)
+            self.optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=SGD_MOMENTUM, nesterov=True)
         else:
             raise ValueError(f"optimizer: adamw or sgd, got {optimizer!r}")
         self.base_lr = base_lr

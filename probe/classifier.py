@@ -26,7 +26,7 @@ class ProbeClassifier(nn.Module):
 def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A saved head and its checkpoint dict; nothing in the file can run code (``weights_only``)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return head_from_checkpoint(ckpt), ckpt
+    return head_from_checkpoint(ckpt, str(path)), ckpt
 
 
 def load_classifier(path: str | Path, *, weights: Weights | None = None) -> tuple[ProbeClassifier, dict[str, Any]]:

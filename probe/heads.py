@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.grid import HeadConfig
+from configs.probe import HeadConfig
+from runtime.errors import UserError
 
 HEAD_FORMAT = 1
 
@@ -31,6 +32,7 @@ class Standardize(nn.Module):
 class LinearHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, norm: Standardize) -> None:
         super().__init__()
+        self.in_features = dim
         self.norm = norm
         self.fc = nn.Linear(dim, num_classes)
 
@@ -43,6 +45,7 @@ class MLPHead(nn.Module):
 
     def __init__(self, dim: int, hidden: tuple[int, ...], num_classes: int, dropout: float, norm: Standardize) -> None:
         super().__init__()
+        self.in_features = dim
         self.norm = norm
         layers: list[nn.Module] = []
         for h in hidden:
@@ -63,6 +66,7 @@ class KNNHead(nn.Module):
 
     def __init__(self, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int, temperature: float) -> None:
         super().__init__()
+        self.in_features = bank.shape[1]
         self.register_buffer("bank", F.normalize(bank.float(), dim=1))
         self.register_buffer("bank_labels", bank_labels.long())
         self.num_classes, self.k, self.temperature = num_classes, k, temperature
@@ -124,11 +128,16 @@ def head_checkpoint(head: nn.Module, config: HeadConfig, *, dim: int, num_classe
             "state_dict": {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, **info}
 
 
-def head_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+class HeadFormatError(UserError, ValueError):
+    """A head file this version cannot read."""
+
+
+def head_from_checkpoint(ckpt: dict[str, Any], where: str = "head") -> nn.Module:
     """Rebuild a head saved by :func:`head_checkpoint` (weights loaded, eval mode)."""
-    cfg = dict(ckpt["config"])
-    cfg["hidden"] = tuple(cfg.get("hidden") or ())
-    config = HeadConfig(**cfg)
+    if ckpt.get("format") != HEAD_FORMAT:
+        raise HeadFormatError(f"{where}: head format {ckpt.get('format')!r}, this version reads format "
+                              f"{HEAD_FORMAT}; run `python -m probe` again to rewrite the heads")
+    config = HeadConfig.model_validate(ckpt["config"])
     state = ckpt["state_dict"]
     dim, classes = int(ckpt["dim"]), int(ckpt["num_classes"])
     if config.type == "knn":

@@ -16,16 +16,17 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from cache import CacheError, list_caches, open_cache
-from extract.config import atomic_write_text
-from extract.console import format_table, write_csv
+from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
 from probe.baseline import logreg_baseline
-from probe.grid import Grid, HeadConfig, load_grid
 from probe.heads import head_checkpoint
 from probe.leaderboard import leaderboard_rows, mark_ties, read_profiling
 from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k
 from probe.plots import plot_confusion, plot_confusion_grid
-from probe.train import TrainedHead, predict_proba, train_grid
+from probe.train import Examples, Fit, TrainedHead, predict_proba, train_grid
 from probe.transferability import knn_loo_accuracy, logme
+from runtime.console import format_table
+from runtime.device import pick_device
+from runtime.files import atomic_write_text, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +77,23 @@ def choose(trained: list[TrainedHead], metric: str, scores: list[float] | None =
     return best
 
 
-def cross_validate(configs: list[HeadConfig], x: np.ndarray, y: np.ndarray, *, folds: int, num_classes: int,
-                   metric: str, grid: Grid, seed: int, device: torch.device) -> np.ndarray:
+def cross_validate(configs: tuple[HeadConfig, ...], labelled: Examples, folds: int, num_classes: int,
+                   fit: Fit) -> np.ndarray:
     """(folds, heads) validation metric of every head by stratified K-fold CV over train+val."""
-    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    x, y = labelled.features, labelled.labels
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=fit.seed)
     out = []
     for k, (tr, va) in enumerate(skf.split(x, y)):
-        trained = train_grid(configs, x_train=x[tr], y_train=y[tr], x_val=x[va], y_val=y[va], num_classes=num_classes,
-                             metric=metric, options=grid.train, seed=seed, device=device, desc=f"fold {k + 1}/{folds}")
+        trained = train_grid(configs, Examples(x[tr], y[tr]), Examples(x[va], y[va]), num_classes, fit,
+                             desc=f"fold {k + 1}/{folds}")
         out.append([t.val_metric for t in trained])
     return np.asarray(out)
 
 
-def labelled(train: Any, val: Any) -> tuple[np.ndarray, np.ndarray]:
+def labelled(train: Any, val: Any) -> Examples:
     """The plain (unaugmented) train features and the validation ones, with their labels: all that is not test."""
-    return (np.concatenate([train.features[train.views == 0], val.features]),
-            np.concatenate([train.labels[train.views == 0], val.labels]))
+    return Examples(np.concatenate([train.features[train.views == 0], val.features]),
+                    np.concatenate([train.labels[train.views == 0], val.labels]))
 
 
 def transfer_scores(x: np.ndarray, y: np.ndarray, name: str) -> dict[str, float]:
@@ -106,11 +108,14 @@ def transfer_scores(x: np.ndarray, y: np.ndarray, name: str) -> dict[str, float]
     return {"logme": score, "knn_loo": knn, "logme_seconds": t1 - t0, "knn_seconds": t2 - t1}
 
 
-def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline: str, folds: int | None,
-                seed: int, device: torch.device, n_boot: int, top_k: int | None, out: Path,
-                progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Probe one cache: returns its leaderboard entry and its rows for results.csv."""
+def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.device
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Probe one cache (results under ``settings.workdir/probe``): returns its leaderboard entry and its rows
+    for results.csv."""
     t0 = time.perf_counter()
+    metric, seed, folds = settings.selection_metric, settings.seed, settings.folds
+    out = settings.workdir / "probe"
+    fit = Fit(metric=metric, options=grid.train, seed=seed, device=device)
     with open_cache(path) as fc:
         train = fc.load("train", views=fc.num_views > 0)
         val, test = fc.load("val"), fc.load("test")
@@ -120,28 +125,25 @@ def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline
                 "params": fc.meta.get("params"), "cache": str(path), "views": fc.num_views}
     classes = info["classes"]
     c = len(classes)
-    k = top_k or default_top_k(c)
+    k = settings.top_k or default_top_k(c)
     name = f"{info['backbone']}@{info['image_size']}"
-    configs = grid.heads if use_grid else [grid.default]
+    configs = grid.heads if settings.grid else (grid.default,)
     if info["weights"] == "random":
         log.warning("%s: features of RANDOM weights (extracted with --no-pretrained)", name)
 
     cv = None
     scores = None
-    x_all, y_all = labelled(train, val)
+    known = labelled(train, val)
     if folds:
         if info["views"]:
             log.info("%s: cross-validation uses the plain (unaugmented) features", name)
-        per_fold = cross_validate(configs, x_all, y_all, folds=folds, num_classes=c, metric=metric, grid=grid,
-                                  seed=seed, device=device)
+        per_fold = cross_validate(configs, known, folds, c, fit)
         scores = list(per_fold.mean(0))
         cv = {"mean": per_fold.mean(0), "std": per_fold.std(0)}
 
-    transfer = transfer_scores(x_all, y_all, name)
+    transfer = transfer_scores(known.features, known.labels, name)
     t_grid = time.perf_counter()
-    trained = train_grid(configs, x_train=train.features, y_train=train.labels, x_val=val.features, y_val=val.labels,
-                         num_classes=c, metric=metric, options=grid.train, seed=seed, device=device,
-                         progress=progress, desc=name)
+    trained = train_grid(configs, train, val, c, fit, progress=settings.progress, desc=name)
     grid_seconds = time.perf_counter() - t_grid
     best = choose(trained, metric, scores)
     chosen = trained[best]
@@ -149,7 +151,7 @@ def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline
     # Test metrics: once, for the chosen head only.
     test_proba = predict_proba(chosen.head, test.features)
     test_metrics = compute_metrics(test.labels, test_proba, top_k=k, per_class=True)
-    ci = bootstrap_ci(test.labels, test_proba, n_boot=n_boot, seed=seed, top_k=k)
+    ci = bootstrap_ci(test.labels, test_proba, n_boot=settings.bootstrap, seed=seed, top_k=k)
 
     rows = []
     for i, t in enumerate(trained):
@@ -169,7 +171,7 @@ def probe_cache(path: Path, *, grid: Grid, use_grid: bool, metric: str, baseline
     val_best = compute_metrics(val.labels, chosen.val_proba, top_k=k)
 
     logreg = None
-    if baseline == "logreg":
+    if settings.baseline == "logreg":
         lr = logreg_baseline(train.features, train.labels, val.features, val.labels, metric=metric, num_classes=c)
         lr_val = compute_metrics(val.labels, lr.predict_proba(val.features), top_k=k)
         lr_test = compute_metrics(test.labels, lr.predict_proba(test.features), top_k=k)
@@ -265,33 +267,28 @@ def refresh_leaderboard(workdir: Path) -> ProbeOutputs:
     return ProbeOutputs(entries=ranked, leaderboard=text, folder=Path(workdir) / "probe")
 
 
-def run_probe(*, workdir: Path, backbones: list[str] | None = None, grid: bool = False, grid_file: Path | None = None,
-              metric: str = "macro_f1", baseline: str = "none", folds: int | None = None, ordinal: bool = False,
-              seed: int = 0, device: str = "auto", n_boot: int = 1000, top_k: int | None = None,
-              progress: bool = True) -> ProbeOutputs:
+def run_probe(settings: ProbeSettings) -> ProbeOutputs:
     """Train heads on every selected cache, choose on validation, test once, write ``probe/``."""
-    from extract.device import pick_device
-
-    workdir = Path(workdir)
-    paths = select_caches(workdir, backbones)
-    spec = load_grid(grid_file)
-    dev = pick_device(device)
+    s = settings
+    workdir, metric, grid = s.workdir, s.selection_metric, s.grid
+    paths = select_caches(workdir, list(s.backbones))
+    head_grid = load_grid(s.grid_file)
+    dev = pick_device(s.device)
     out = workdir / "probe"
-    n_heads = len(spec.heads) if grid else 1
+    n_heads = len(head_grid.heads) if grid else 1
     log.info("Probing %d cache(s) with %d head(s) each on %s; selection by validation %s", len(paths), n_heads, dev, metric)
     entries, rows = [], []
-    for path in tqdm(paths, desc="caches", unit="cache", disable=not progress or len(paths) < 2, dynamic_ncols=True):
-        entry, r = probe_cache(path, grid=spec, use_grid=grid, metric=metric, baseline=baseline, folds=folds, seed=seed,
-                               device=dev, n_boot=n_boot, top_k=top_k, out=out, progress=progress)
+    for path in tqdm(paths, desc="caches", unit="cache", disable=not s.progress or len(paths) < 2, dynamic_ncols=True):
+        entry, r = probe_cache(path, head_grid, s, dev)
         entries.append(entry)
         rows += r
     ranked = mark_ties(entries, metric)
-    leaderboard = render_leaderboard(workdir, ranked, metric=metric, n_boot=n_boot, seed=seed, n_heads=n_heads,
-                                     ordinal=ordinal)
+    leaderboard = render_leaderboard(workdir, ranked, metric=metric, n_boot=s.bootstrap, seed=s.seed,
+                                     n_heads=n_heads, ordinal=s.ordinal)
     write_csv(out / "results.csv", rows)
     atomic_write_text(out / "results.json", json.dumps(_jsonable({
-        "metric": metric, "seed": seed, "grid": grid, "n_heads": n_heads, "ordinal": ordinal, "folds": folds,
-        "bootstrap": n_boot, "leaderboard": ranked, "rows": rows}), indent=2))
+        "metric": metric, "seed": s.seed, "grid": grid, "n_heads": n_heads, "ordinal": s.ordinal, "folds": s.folds,
+        "bootstrap": s.bootstrap, "leaderboard": ranked, "rows": rows}), indent=2))
     top = ranked[:4]
     if top:
         plot_confusion_grid([(f"#{e['rank']} {e['backbone']}@{e['image_size']}", np.asarray(e["test"]["confusion"]))

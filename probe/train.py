@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,12 +27,36 @@ from torch import nn
 from torch.optim.adam import adam
 from tqdm.auto import tqdm
 
-from probe.grid import HeadConfig, TrainOptions
+from configs.probe import GridTraining, HeadConfig
 from probe.heads import build_head
 from probe.metrics import METRICS, fast_metric
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
+
+
+class Labelled(Protocol):
+    """Features (N, D) and their labels (N,): a split of a cache, or any pair of arrays with these names."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Examples:
+    features: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How a grid is fitted and its epochs chosen: by which validation metric, with the grid file's training
+    options, from which seed, on which device."""
+
+    metric: str = "macro_f1"
+    options: GridTraining = GridTraining()
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
 
 
 @dataclass
@@ -87,7 +111,7 @@ def lr_factors(step: int, epochs: torch.Tensor, warmup_epochs: int, steps_per_ep
     return torch.where(step < warm, warmup, cosine).float()
 
 
-class _Family:
+class HeadStack:
     """Heads of one architecture stacked along a leading head axis, with their Adam(W) state.
 
     Layer l of head h is ``weights[l][h]`` (in, out) and ``biases[l][h]`` (out,). Head-major
@@ -174,26 +198,20 @@ def _load_layers(head: nn.Module, layers: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def train_grid(
-    configs: list[HeadConfig],
-    *,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+    configs: list[HeadConfig] | tuple[HeadConfig, ...],
+    train: Labelled,
+    val: Labelled,
     num_classes: int,
-    metric: str = "macro_f1",
-    options: TrainOptions = TrainOptions(),
-    seed: int = 0,
-    device: torch.device | str = "cpu",
+    fit: Fit = Fit(),
     progress: bool = False,
     desc: str = "grid",
 ) -> list[TrainedHead]:
-    """Train every head of ``configs`` on (x_train, y_train); keep each one's best epoch on validation."""
-    device = torch.device(device)
+    """Train every head of ``configs`` on ``train``; keep each one's best epoch on ``val``."""
+    metric, options, seed, device = fit.metric, fit.options, fit.seed, torch.device(fit.device)
     higher = METRICS[metric]
-    xt = torch.as_tensor(np.asarray(x_train), dtype=torch.float32)
-    xv = torch.as_tensor(np.asarray(x_val), dtype=torch.float32)
-    y_val = np.asarray(y_val)
+    xt = torch.as_tensor(np.asarray(train.features), dtype=torch.float32)
+    xv = torch.as_tensor(np.asarray(val.features), dtype=torch.float32)
+    y_train, y_val = np.asarray(train.labels), np.asarray(val.labels)
     mean, std = feature_stats(xt, options.standardize)
     results: dict[int, TrainedHead] = {}
 
@@ -214,7 +232,7 @@ def train_grid(
         by_arch: dict[tuple, list[int]] = {}
         for i in trainable:
             by_arch.setdefault((configs[i].type, configs[i].hidden), []).append(i)
-        families = [_Family(heads, configs, members, seed, device) for members in by_arch.values()]
+        families = [HeadStack(heads, configs, members, seed, device) for members in by_arch.values()]
 
         xs_train = ((xt - mean) / std).to(device)
         xs_val = ((xv - mean) / std).to(device)

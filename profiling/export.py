@@ -21,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from extract.config import atomic_write_text
+from runtime.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,6 @@ def max_relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
 def append_head(backbone_path: Path, head_path: Path, path: Path) -> Path:
     """One ONNX graph: images -> backbone -> probe head -> logits (``onnx.compose``)."""
     import onnx.compose
-
     import onnx.version_converter
 
     backbone = onnx.load(str(backbone_path))

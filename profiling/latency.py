@@ -20,6 +20,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from runtime.device import DeviceError
+
 NOISY_CV = 0.10
 
 PROVIDERS = {
@@ -92,7 +94,7 @@ def choose_providers(provider: str) -> list[str]:
         return chain[:1] + (["CPUExecutionProvider"] if chain[:1] != ["CPUExecutionProvider"] else [])
     name = PROVIDERS[provider]
     if name not in available or (provider != "cpu" and not usable_gpu):
-        raise RuntimeError(f"--provider {provider}: {name} is not usable here (available: {', '.join(available)}; "
+        raise DeviceError(f"--provider {provider}: {name} is not usable here (available: {', '.join(available)}; "
                            f"CUDA device: {usable_gpu}). Use --provider auto or cpu.")
     return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
 

@@ -18,25 +18,28 @@ import timm.data
 import torch
 from tqdm.auto import tqdm
 
-from cache import list_caches, open_cache
+from cache import CacheError, list_caches, open_cache
 from cache.schema import safe_name
+from configs.profiling import ProfilingSettings
 from extract.backbones import BackboneSpec, load_sets, resolve_backbones
-from extract.config import atomic_write_text
-from extract.console import format_table, write_csv
 from extract.dataset import load_dataset
-from extract.device import pick_device
-from extract.images import IMAGE_SUFFIXES, load_rgb
 from extract.models import Weights, backbone_from_record, choose_weights, create_backbone, preprocessing
 from profiling.export import ExportError, append_head, export_onnx, matmul_flops, max_relative_error
 from profiling.flops import count_flops, count_parameters
 from profiling.latency import choose_providers, make_session, measure_eager, measure_onnxruntime, peak_matmul_gflops
 from profiling.pareto import plot_pareto
+from runtime.console import format_table
+from runtime.device import pick_device
+from runtime.files import atomic_write_text, write_csv
+from runtime.images import IMAGE_SUFFIXES, load_rgb
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Target:
+class ProfileTarget:
+    """One backbone at one input size, with the weights and preprocessing to export it with."""
+
     spec: BackboneSpec
     weights: Weights
     data_cfg: dict[str, Any]
@@ -51,7 +54,7 @@ class Target:
         return f"{self.spec.name}@{self.image_size}"
 
 
-def targets_from_caches(workdir: Path) -> list[Target]:
+def targets_from_caches(workdir: Path) -> list[ProfileTarget]:
     """What `extract` cached in ``workdir``: the same model, weights and preprocessing."""
     out = []
     for entry in list_caches(workdir):
@@ -61,18 +64,19 @@ def targets_from_caches(workdir: Path) -> list[Target]:
             spec, weights, size_kwargs = backbone_from_record(
                 model=fc.model, name=fc.backbone, model_kwargs=fc.key.get("model_kwargs"), weights_tag=fc.weights,
                 weights_location=fc.meta.get("weights_location"))
-            out.append(Target(spec, weights, fc.data_config, size_kwargs))
+            out.append(ProfileTarget(spec, weights, fc.data_config, size_kwargs))
     return out
 
 
-def targets_from_names(backbones: list[str], *, backbones_file: Path | None, pretrained: bool, weights_dir: Path | None,
-                       image_sizes: list[int] | None) -> list[Target]:
+def targets_from_names(settings: ProfilingSettings) -> list[ProfileTarget]:
+    """``--backbones`` with their weights (pretrained unless --no-pretrained) at each ``--image-size``."""
+    s = settings
     out = []
-    for spec in resolve_backbones(backbones, sets=load_sets(backbones_file)):
-        weights = choose_weights(spec, pretrained=pretrained, weights_dir=weights_dir)
-        for size in image_sizes or [None]:
+    for spec in resolve_backbones(list(s.backbones), sets=load_sets(s.backbones_file)):
+        weights = choose_weights(spec, pretrained=s.pretrained is not False, weights_dir=s.weights_dir)
+        for size in list(s.image_size) or [None]:
             data_cfg, size_kwargs = preprocessing(spec, size)
-            out.append(Target(spec, weights, data_cfg, size_kwargs))
+            out.append(ProfileTarget(spec, weights, data_cfg, size_kwargs))
     return out
 
 
@@ -93,19 +97,31 @@ def check_images(workdir: Path, data: str | None, n: int = 8) -> list[Path]:
     return [s.path for s in samples]
 
 
-def profile_target(target: Target, *, out: Path, head_dir: Path | None, images: list[Path], batch_sizes: list[int],
-                   providers: list[str],
-                   threads: int | None, device: torch.device, timing: dict[str, Any], tolerance: float,
-                   peak_gflops: float) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Bench:
+    """What every backbone is measured with here: the images of the numeric check, ONNX Runtime's providers,
+    the device of the PyTorch reference, and the machine's matmul peak (for the roofline floor)."""
+
+    images: list[Path]
+    providers: list[str]
+    device: torch.device
+    peak_gflops: float
+
+
+def profile_target(target: ProfileTarget, settings: ProfilingSettings, bench: Bench) -> list[dict[str, Any]]:
     """Every record for one backbone: one per batch size (ONNX Runtime and PyTorch eager side by side)."""
+    out, head_dir = settings.workdir / "profiling", settings.workdir / "probe" / "heads"
+    images, providers, device, peak_gflops = bench.images, bench.providers, bench.device, bench.peak_gflops
+    threads, tolerance = settings.threads, settings.tolerance
+    timing = {"warmup": settings.warmup, "min_runs": settings.min_runs, "min_seconds": settings.min_seconds}
     model, untrained = create_backbone(target.spec, target.weights, exportable=True, **target.size_kwargs)
     input_size = tuple(target.data_cfg["input_size"])
     flops = count_flops(model, input_size)
     params = count_parameters(model)
     stem = f"{safe_name(target.spec.name)}@{target.image_size}"
     onnx_path = out / f"{stem}.onnx"
-    head_path = head_dir / f"{stem}.onnx" if head_dir is not None else None
-    with_head = head_path is not None and head_path.is_file()
+    head_path = head_dir / f"{stem}.onnx"
+    with_head = head_path.is_file()
     key = {"model": target.spec.model, "kwargs": target.spec.kwargs, "size_kwargs": target.size_kwargs,
            "weights": target.weights.tag, "input_size": input_size}
     # The backbone's own graph; with a probe head, the deployable model is backbone + head in one graph.
@@ -131,7 +147,7 @@ def profile_target(target: Target, *, out: Path, head_dir: Path | None, images: 
 
     model.to(device)
     records = []
-    for bs in batch_sizes:
+    for bs in settings.batch_sizes:
         batch = torch.randn(bs, *input_size)
         ort_stats = measure_onnxruntime(session, batch.numpy(), **timing)
         eager = measure_eager(model, batch, device, **timing)  # the backbone: the head is not a PyTorch module here
@@ -175,37 +191,30 @@ def read_probe_scores(workdir: Path) -> tuple[str | None, dict[tuple[str, int], 
     return metric, {(e["backbone"], int(e["image_size"])): e["val"][metric] for e in data.get("leaderboard", [])}
 
 
-def run_profiling(*, workdir: Path, backbones: list[str] | None = None, backbones_file: Path | None = None,
-                  pretrained: bool = True, weights_dir: Path | None = None, image_sizes: list[int] | None = None,
-                  data: str | None = None, batch_sizes: tuple[int, ...] = (1, 8, 32), provider: str = "auto",
-                  threads: int | None = None, device: str = "auto", warmup: int = 10, min_runs: int = 100,
-                  min_seconds: float = 3.0, tolerance: float = 1e-3, progress: bool = True) -> dict[str, Any]:
+def run_profiling(settings: ProfilingSettings) -> dict[str, Any]:
     """Profile every target; a failing backbone is recorded and the others still run."""
-    workdir = Path(workdir)
+    s = settings
+    workdir, batch_sizes = s.workdir, s.batch_sizes
     out = workdir / "profiling"
     out.mkdir(parents=True, exist_ok=True)
-    if backbones:
-        targets = targets_from_names(backbones, backbones_file=backbones_file, pretrained=pretrained,
-                                     weights_dir=weights_dir, image_sizes=image_sizes)
+    if s.backbones:
+        targets = targets_from_names(s)
     else:
         targets = targets_from_caches(workdir)
         if not targets:
-            raise RuntimeError(f"no complete feature caches in {workdir / 'features'}; run `python -m extract` first, "
-                               "or name backbones with --backbones")
-    dev = pick_device(device)
-    providers = choose_providers(provider)
-    images = check_images(workdir, data)
-    peak = peak_matmul_gflops(dev, providers=providers, threads=threads)
-    timing = {"warmup": warmup, "min_runs": min_runs, "min_seconds": min_seconds}
+            raise CacheError(f"no complete feature caches in {workdir / 'features'}; run `python -m extract` first, "
+                             "or name backbones with --backbones")
+    dev = pick_device(s.device)
+    providers = choose_providers(s.provider)
+    peak = peak_matmul_gflops(dev, providers=providers, threads=s.threads)
+    bench = Bench(check_images(workdir, s.data), providers, dev, peak)
     log.info("Profiling %d backbone(s) with %s, batch sizes %s; matmul peak %.0f GFLOPS", len(targets), providers[0],
              list(batch_sizes), peak)
     records, failures = [], []
-    for target in tqdm(targets, desc="profiling", unit="model", disable=not progress, dynamic_ncols=True):
+    for target in tqdm(targets, desc="profiling", unit="model", disable=not s.progress, dynamic_ncols=True):
         t0 = time.perf_counter()
         try:
-            records += profile_target(target, out=out, head_dir=workdir / "probe" / "heads", images=images,
-                                      batch_sizes=list(batch_sizes), providers=providers,
-                                      threads=threads, device=dev, timing=timing, tolerance=tolerance, peak_gflops=peak)
+            records += profile_target(target, s, bench)
             log.info("%s profiled in %.1fs", target.name, time.perf_counter() - t0)
         except Exception as exc:  # one backbone's failure must not stop the others
             log.error("%s: %s: %s", target.name, type(exc).__name__, exc)

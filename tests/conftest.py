@@ -51,5 +51,5 @@ def extract_kwargs(tmp_path: Path) -> dict:
     """Fast, deterministic extraction settings on timm's tiny ResNet with random weights."""
     return dict(
         backbones=["test_resnet.r160_in1k"], workdir=tmp_path / "run", pretrained=False,
-        image_sizes=[64], batch_size=8, workers=0, device="cpu", progress=False,
+        image_size=[64], batch_size=8, workers=0, device="cpu", progress=False,
     )

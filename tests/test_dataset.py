@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CLASSES, make_image
 from PIL import Image
 
-from conftest import CLASSES, make_image
 from extract.dataset import DatasetError, load_dataset
-from extract.images import load_rgb
+from runtime.images import load_rgb
 
 
 def split_counts(ds) -> dict[str, int]:

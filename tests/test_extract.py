@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import make_image
 
 from cache import CacheError, list_caches, open_cache
 from cache.writer import CacheWriter
-from conftest import make_image
+from configs.extract import ExtractSettings
 from extract.cli import main
-from extract.images import load_rgb
 from extract.models import RANDOM_INIT_SEED
 from extract.pipeline import extract_features
+from runtime.images import load_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def features(path: Path) -> np.ndarray:
 
 
 def test_cache_format_and_values(image_folder: Path, extract_kwargs: dict) -> None:
-    (result,) = extract_features(data=str(image_folder), **extract_kwargs)
+    (result,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     assert result.status == "built" and result.rows == 30 and result.path.name == "test_resnet.r160_in1k@64.h5"
     with h5py.File(result.path, "r") as f:
         assert set(f) == {"pooled", "labels", "split", "ids", "view"}
@@ -56,7 +57,7 @@ def test_cache_format_and_values(image_folder: Path, extract_kwargs: dict) -> No
 
 
 def test_reader_api(image_folder: Path, extract_kwargs: dict) -> None:
-    (result,) = extract_features(data=str(image_folder), **extract_kwargs)
+    (result,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     (entry,) = list_caches(extract_kwargs["workdir"])
     assert entry.complete and entry.backbone == "test_resnet.r160_in1k" and entry.image_size == 64
     with open_cache(entry.path) as fc:
@@ -86,25 +87,25 @@ def test_reader_refuses_partial_and_missing(tmp_path: Path) -> None:
 
 
 def test_complete_cache_reused_fast(image_folder: Path, extract_kwargs: dict) -> None:
-    (first,) = extract_features(data=str(image_folder), **extract_kwargs)
+    (first,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     mtime = first.path.stat().st_mtime_ns
-    (again,) = extract_features(data=str(image_folder), **extract_kwargs)
+    (again,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     assert again.status == "reused" and again.seconds < 1.0
     assert first.path.stat().st_mtime_ns == mtime
-    (forced,) = extract_features(data=str(image_folder), **{**extract_kwargs, "force": True})
+    (forced,) = extract_features(ExtractSettings(data=str(image_folder), **{**extract_kwargs, "force": True}))
     assert forced.status == "built"
 
 
 def test_stale_cache_rebuilt(image_folder: Path, extract_kwargs: dict, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    (first,) = extract_features(data=str(image_folder), **extract_kwargs)
+    (first,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     before = features(first.path)
     make_image(image_folder / "cat" / "00.png", seed=999)  # same name, other pixels
-    (second,) = extract_features(data=str(image_folder), **extract_kwargs)
+    (second,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     assert second.status == "built"
     assert "stale cache (dataset changed)" in caplog.text
     assert not np.array_equal(before, features(second.path))
-    (third,) = extract_features(data=str(image_folder), **{**extract_kwargs, "dtype": "float32"})
+    (third,) = extract_features(ExtractSettings(data=str(image_folder), **{**extract_kwargs, "dtype": "float32"}))
     assert third.status == "built" and features(third.path).dtype == np.float32
 
 
@@ -113,9 +114,9 @@ def test_new_split_relabels_without_forward_pass(image_folder: Path, extract_kwa
     rows = [f"images/{c}/{i:02d}.png,{c},{fold_of(i)}" for c in ("cat", "dog", "fox") for i in range(10)]
     csv_path = tmp_path / "folds.csv"
     csv_path.write_text("path,label,fold\n" + "\n".join(rows) + "\n")
-    (a,) = extract_features(data=str(csv_path), fold=0, **extract_kwargs)
+    (a,) = extract_features(ExtractSettings(data=str(csv_path), fold=0, **extract_kwargs))
     feats = features(a.path)
-    (b,) = extract_features(data=str(csv_path), fold=1, **extract_kwargs)
+    (b,) = extract_features(ExtractSettings(data=str(csv_path), fold=1, **extract_kwargs))
     assert b.status == "relabelled"
     np.testing.assert_array_equal(features(b.path), feats)
     with open_cache(b.path) as fc:
@@ -126,7 +127,7 @@ def test_new_split_relabels_without_forward_pass(image_folder: Path, extract_kwa
 def test_interrupted_run_resumes_to_identical_file(image_folder: Path, extract_kwargs: dict, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     reference_kwargs = {**extract_kwargs, "workdir": tmp_path / "reference"}
-    (ref,) = extract_features(data=str(image_folder), **reference_kwargs)
+    (ref,) = extract_features(ExtractSettings(data=str(image_folder), **reference_kwargs))
 
     calls = {"n": 0}
     original = CacheWriter.write
@@ -139,13 +140,13 @@ def test_interrupted_run_resumes_to_identical_file(image_folder: Path, extract_k
 
     monkeypatch.setattr(CacheWriter, "write", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(data=str(image_folder), **extract_kwargs)
+        extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     monkeypatch.setattr(CacheWriter, "write", original)
     partial = extract_kwargs["workdir"] / "features" / "test_resnet.r160_in1k@64.h5.partial"
     assert partial.exists() and not partial.with_suffix("").exists()
     with h5py.File(partial, "r") as f:
         assert f.attrs["rows_done"] == 16 and not f.attrs["complete"]
-    (resumed,) = extract_features(data=str(image_folder), **extract_kwargs)
+    (resumed,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     assert resumed.status == "resumed" and not partial.exists()
     np.testing.assert_array_equal(features(resumed.path), features(ref.path))
 
@@ -189,9 +190,9 @@ def test_killed_process_resumes(tmp_path: Path) -> None:
 
 
 def test_views_maps_and_resolution_sweep(image_folder: Path, extract_kwargs: dict) -> None:
-    kwargs = {**extract_kwargs, "backbones": ["test_vit.r160_in1k"], "image_sizes": [64, 96], "views": 2,
+    kwargs = {**extract_kwargs, "backbones": ["test_vit.r160_in1k"], "image_size": [64, 96], "views": 2,
               "store_maps": True}
-    results = extract_features(data=str(image_folder), **kwargs)
+    results = extract_features(ExtractSettings(data=str(image_folder), **kwargs))
     assert [r.image_size for r in results] == [64, 96]
     with open_cache(results[0].path) as fc:
         n_train = fc.split_counts()["train"]

@@ -46,6 +46,7 @@ def test_vit_blocks_are_contiguous_buckets() -> None:
 
 
 def test_unfreeze_schedule_learning_rates_and_frozen_batchnorm() -> None:
+    from configs.finetune import TrainOptions, TrialParams
     from finetune.unfreeze import ALL, ProgressiveUnfreezer, Stage
 
     torch.manual_seed(0)
@@ -59,7 +60,8 @@ def test_unfreeze_schedule_learning_rates_and_frozen_batchnorm() -> None:
                   for name, m in backbone.named_modules() if type(m).__name__ == "DropPath"]
     assert drop_paths
     schedule = [Stage(0, 0, 1.0), Stage(2, 1, 1.0), Stage(4, ALL, 0.1)]
-    u = ProgressiveUnfreezer(backbone, head, blocks, schedule, base_lr=1e-3, layer_decay=0.5, weight_decay=0.05)
+    u = ProgressiveUnfreezer(backbone, head, blocks, schedule, TrialParams(lr=1e-3, layer_decay=0.5, weight_decay=0.05),
+                             TrainOptions(freeze_bn_stats=False))
     all_params = {id(p): n for n, p in backbone.named_parameters()}
     expected_blocks = {0: 0, 1: 0, 2: 1, 3: 1, 4: 3, 5: 3}
     for epoch, n_blocks in expected_blocks.items():

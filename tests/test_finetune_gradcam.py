@@ -73,9 +73,9 @@ def test_gradcam_on_a_probe_classifier(tmp_path: Path) -> None:
 
 def test_gradcam_on_a_knn_probe_classifier() -> None:
     """A kNN vote is differentiable in the features: its Grad-CAM maps are not flat, even where all k agree."""
+    from configs.probe import HeadConfig
     from finetune.gradcam import for_gradcam
     from probe.classifier import ProbeClassifier
-    from probe.grid import HeadConfig
     from probe.heads import build_head
 
     torch.manual_seed(0)

@@ -11,9 +11,10 @@ from pathlib import Path
 import nevergrad as ng
 import pytest
 
-from extract.config import ConfigError
+from configs.finetune import load_tuning
+from configs.settings import ConfigError
 from finetune.search import Study, StudyError
-from finetune.space import load_spec
+from finetune.space import parametrization
 from finetune.trainer import TrialOutcome
 
 
@@ -34,20 +35,20 @@ def events(folder: Path) -> list[dict]:
 
 
 def test_shipped_spec_and_parametrization() -> None:
-    spec = load_spec()
-    names = {d.name for d in spec.space}
+    tuning = load_tuning()
+    names = {d.name for d in tuning.space}
     assert {"lr", "weight_decay", "layer_decay", "drop_path_rate", "label_smoothing", "frozen_epochs",
             "last_block_epochs", "batch_size"} <= names
-    param = spec.parametrization(0)
+    param = parametrization(tuning, 0)
     assert isinstance(param["batch_size"], ng.p.TransitionChoice)  # ordered, not a noisy random choice
     assert isinstance(param["lr"], ng.p.Log)
     value = param.spawn_child().value
     assert isinstance(value["frozen_epochs"], int) and value["batch_size"] in (16, 32, 64, 128)
-    assert spec.params(spec.default_point()) == spec.defaults
+    assert tuning.params(tuning.default_point()) == tuning.defaults
 
 
 @pytest.mark.parametrize("overlay, message", [
-    ({"train": {"epoch": 3}}, "train: unknown key(s) epoch"),
+    ({"train": {"epoch": 3}}, "train.epoch: unknown key"),
     ({"train": {"epochs": 0}}, "train.epochs"),
     ({"defaults": {"lr": "fast"}}, "defaults.lr"),
     ({"space": {"learning_rate": {"log": [1e-5, 1e-2]}}}, "space.learning_rate: not a searchable"),
@@ -60,27 +61,27 @@ def test_shipped_spec_and_parametrization() -> None:
 ])
 def test_bad_spec_names_the_key(overlay: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_spec(overlay=overlay)
+        load_tuning(overlay=overlay)
 
 
 def test_overlay_merges_sections_and_replaces_the_space(tmp_path: Path) -> None:
     path = tmp_path / "space.yaml"
     path.write_text("train: {epochs: 4}\nspace: {lr: {log: [1.0e-5, 1.0e-3]}}\n")
-    spec = load_spec(path, {"augment": {"hflip": 0.0}})
-    assert spec.train.epochs == 4 and spec.train.patience == 3  # merged key by key
-    assert [d.name for d in spec.space] == ["lr"]  # replaced whole
-    assert spec.augment.hflip == 0.0 and spec.augment.color_jitter == 0.4
+    tuning = load_tuning(path, {"augment": {"hflip": 0.0}})
+    assert tuning.train.epochs == 4 and tuning.train.patience == 3  # merged key by key
+    assert [d.name for d in tuning.space] == ["lr"]  # replaced whole
+    assert tuning.augment.hflip == 0.0 and tuning.augment.color_jitter == 0.4
 
 
 # ----------------------------------------------------------------------------- the study
 
 
 def test_first_trial_is_the_default_and_the_delegate_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    spec = load_spec()
+    tuning = load_tuning()
     with caplog.at_level("INFO"):
-        study = Study(tmp_path / "s", spec, budget=4, metric="accuracy")
+        study = Study(tmp_path / "s", tuning, budget=4, metric="accuracy")
         trials = study.run(ok)
-    assert trials[0].point == pytest.approx(spec.default_point())
+    assert trials[0].point == pytest.approx(tuning.default_point())
     assert study.delegate and "delegates to" in caplog.text
     assert len(trials) == 4 and all(t.status == "ok" for t in trials)
     assert study.best().metric == max(t.metric for t in trials)
@@ -88,10 +89,10 @@ def test_first_trial_is_the_default_and_the_delegate_is_logged(tmp_path: Path, c
 
 
 def test_optimizer_none_and_random(tmp_path: Path) -> None:
-    spec = load_spec()
-    assert len(Study(tmp_path / "none", spec, optimizer="none", budget=10).run(ok)) == 1
-    random_trials = Study(tmp_path / "random", spec, optimizer="random", budget=3).run(ok)
-    assert random_trials[0].point == pytest.approx(spec.default_point())
+    tuning = load_tuning()
+    assert len(Study(tmp_path / "none", tuning, optimizer="none", budget=10).run(ok)) == 1
+    random_trials = Study(tmp_path / "random", tuning, optimizer="random", budget=3).run(ok)
+    assert random_trials[0].point == pytest.approx(tuning.default_point())
     assert len({json.dumps(t.point) for t in random_trials}) == 3
 
 
@@ -105,7 +106,7 @@ def test_nan_and_failed_trials_do_not_stop_the_search(tmp_path: Path) -> None:
             raise RuntimeError("boom")  # an objective that crashes outright
         return ok(n, point, stop)
 
-    study = Study(tmp_path / "s", load_spec(), budget=6)
+    study = Study(tmp_path / "s", load_tuning(), budget=6)
     trials = study.run(objective)
     assert [t.status for t in trials] == ["ok", "failed", "failed", "failed", "ok", "ok"]
     assert "non-finite validation" in trials[1].reason and "boom" in trials[3].reason
@@ -116,8 +117,8 @@ def test_nan_and_failed_trials_do_not_stop_the_search(tmp_path: Path) -> None:
 
 
 def test_interrupted_study_resumes_without_repeating_trials(tmp_path: Path) -> None:
-    spec = load_spec()
-    reference = Study(tmp_path / "ref", spec, budget=7).run(ok)
+    tuning = load_tuning()
+    reference = Study(tmp_path / "ref", tuning, budget=7).run(ok)
 
     calls: list[int] = []
 
@@ -128,13 +129,13 @@ def test_interrupted_study_resumes_without_repeating_trials(tmp_path: Path) -> N
         return ok(n, point, stop)
 
     with pytest.raises(KeyboardInterrupt):
-        Study(tmp_path / "s", spec, budget=7).run(interrupted)
+        Study(tmp_path / "s", tuning, budget=7).run(interrupted)
     assert calls == [0, 1, 2, 3]
     # A kill can cut the last line in half; it is ignored.
     with open(tmp_path / "s" / "trials.jsonl", "a") as fh:
         fh.write('{"event": "end", "tri')
     calls.clear()
-    resumed = Study(tmp_path / "s", spec, budget=7).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
+    resumed = Study(tmp_path / "s", tuning, budget=7).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
     assert calls == [4, 5, 6]  # trial 4 runs again, nothing finished is repeated
     # The optimizer's state was restored exactly: the same points as an uninterrupted study.
     assert [t.point for t in resumed] == [t.point for t in reference]
@@ -142,11 +143,11 @@ def test_interrupted_study_resumes_without_repeating_trials(tmp_path: Path) -> N
 
 
 def test_changed_search_options_refuse_to_continue(tmp_path: Path) -> None:
-    spec = load_spec()
-    Study(tmp_path / "s", spec, budget=2).run(ok)
+    tuning = load_tuning()
+    Study(tmp_path / "s", tuning, budget=2).run(ok)
     with pytest.raises(StudyError, match="other search options.*--restart"):
-        Study(tmp_path / "s", spec, budget=2, optimizer="random").run(ok)
-    other = load_spec(overlay={"space": {"lr": {"log": [1e-5, 1e-3]}}})
+        Study(tmp_path / "s", tuning, budget=2, optimizer="random").run(ok)
+    other = load_tuning(overlay={"space": {"lr": {"log": [1e-5, 1e-3]}}})
     with pytest.raises(StudyError, match="space"):
         Study(tmp_path / "s", other, budget=2).run(ok)
 
@@ -164,7 +165,7 @@ def test_workers_run_trials_at_once_but_never_more(tmp_path: Path) -> None:
             running[0] -= 1
         return ok(n, point, stop)
 
-    study = Study(tmp_path / "s", load_spec(), budget=7, workers=3)
+    study = Study(tmp_path / "s", load_tuning(), budget=7, workers=3)
     trials = study.run(slow)
     assert len(trials) == 7 and peak[0] == 3
     log = events(tmp_path / "s")

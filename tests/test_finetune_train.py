@@ -17,13 +17,15 @@ from PIL import Image
 
 import finetune.trainer as trainer_module
 from cache import open_cache
+from configs.extract import ExtractSettings
+from configs.finetune import load_tuning
+from configs.probe import ProbeSettings
 from extract.pipeline import extract_features
 from finetune.cli import main as finetune_main
 from finetune.data import eval_transform, load_data
 from finetune.model import build_classifier, load_checkpoint
 from finetune.pipeline import select_targets
-from finetune.space import load_spec
-from finetune.trainer import StudyStopped, run_trial
+from finetune.trainer import StudyStopped, TrialSetup, run_trial
 from probe.pipeline import run_probe
 
 GRID = """
@@ -61,9 +63,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     grid = base / "grid.yaml"
     grid.write_text(GRID)
     work = base / "run"
-    extract_features(data=str(data), backbones=["test_resnet.r160_in1k"], workdir=work, pretrained=False,
-                     image_sizes=[48], batch_size=16, workers=0, device="cpu", progress=False, dtype="float32")
-    run_probe(workdir=work, grid=False, grid_file=grid, device="cpu", n_boot=50, progress=False)
+    extract_features(ExtractSettings(data=str(data), backbones=["test_resnet.r160_in1k"], workdir=work,
+                                     pretrained=False, image_size=[48], batch_size=16, workers=0, device="cpu",
+                                     progress=False, dtype="float32"))
+    run_probe(ProbeSettings(workdir=work, grid_file=grid, device="cpu", bootstrap=50, progress=False))
     return work
 
 
@@ -75,9 +78,8 @@ def target_and_data(workdir: Path):
 
 def trial(target_and_data, folder: Path, **overlay) -> trainer_module.TrialOutcome:
     target, data, metric = target_and_data
-    spec = load_spec(overlay={**SEARCH, **overlay})
-    return run_trial(target=target, data=data, params=spec.defaults, spec=spec, metric=metric, folder=folder,
-                     device=torch.device("cpu"), seed=0)
+    tuning = load_tuning(overlay={**SEARCH, **overlay})
+    return run_trial(target, data, tuning.defaults, tuning, folder, TrialSetup(metric, torch.device("cpu")))
 
 
 def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
@@ -86,7 +88,7 @@ def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
     assert source.startswith("probe (linear")
     tf = eval_transform(target.data_config)
     val = data.splits["val"]
-    from extract.images import load_rgb
+    from runtime.images import load_rgb
 
     x = torch.stack([tf(load_rgb(p)) for p in val.paths])
     model.eval()
@@ -163,14 +165,13 @@ def test_interrupted_trial_resumes_at_the_next_epoch(target_and_data, tmp_path: 
 
     monkeypatch.setattr(trainer_module, "write_csv", write_then_stop)
     target, data, metric = target_and_data
-    spec = load_spec(overlay={**SEARCH, "train": {**SEARCH["train"], "patience": 5}})
-    kwargs = dict(target=target, data=data, params=spec.defaults, spec=spec, metric=metric, folder=tmp_path / "t",
-                  device=torch.device("cpu"), seed=0)
+    tuning = load_tuning(overlay={**SEARCH, "train": {**SEARCH["train"], "patience": 5}})
+    args = (target, data, tuning.defaults, tuning, tmp_path / "t", TrialSetup(metric, torch.device("cpu")))
     with pytest.raises(StudyStopped):
-        run_trial(**kwargs, stop=stop)
+        run_trial(*args, stop=stop)
     assert (tmp_path / "t" / "last.pt").is_file()
     before = (tmp_path / "t" / "metrics.csv").read_text().splitlines()
-    outcome = run_trial(**kwargs)
+    outcome = run_trial(*args)
     after = (tmp_path / "t" / "metrics.csv").read_text().splitlines()
     assert outcome.status == "ok" and outcome.epochs == 3
     assert after[:3] == before  # the first two epochs were kept, not trained again
@@ -272,7 +273,7 @@ def test_knn_probe_head_is_replaced_by_a_trained_linear_probe(workdir: Path, tmp
     shutil.copytree(workdir, work)
     grid = tmp_path / "knn.yaml"
     grid.write_text("heads: {knn: {k: [3]}}\ndefault: {type: knn, k: 3}\n")
-    run_probe(workdir=work, grid=False, grid_file=grid, device="cpu", n_boot=20, progress=False)
+    run_probe(ProbeSettings(workdir=work, grid_file=grid, device="cpu", bootstrap=20, progress=False))
     targets, metric = select_targets(work, top=1, backbones=None, metric=None)
     assert targets[0].probe["head"].startswith("knn")
     data = load_data(work, targets[0].cache)

@@ -2,29 +2,30 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 from cache import CacheError, open_cache
-from extract.config import ConfigError
+from configs.extract import ExtractSettings
+from configs.probe import HeadConfig, ProbeSettings, load_grid
+from configs.settings import ConfigError
 from extract.pipeline import extract_features
 from probe.baseline import logreg_baseline
 from probe.classifier import load_classifier, load_head
 from probe.cli import main as probe_main
-from probe.grid import HeadConfig, load_grid
 from probe.leaderboard import mark_ties
 from probe.metrics import _from_confusion, bootstrap_ci, compute_metrics, confusion_batch
 from probe.pipeline import export_head_onnx, probe_cache, run_probe
-from probe.train import _Family, train_grid
+from probe.train import Examples, Fit, HeadStack, train_grid
 
 SMALL_GRID = """
 train: {batch_size: 64, warmup_epochs: 1, standardize: true}
@@ -40,8 +41,9 @@ default: {type: linear, lr: 0.01, weight_decay: 0.001, epochs: 6, patience: 3}
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo digits through two tiny random-weight backbones at 48 px."""
     work = tmp_path_factory.mktemp("probe") / "run"
-    extract_features(data="demo", backbones=["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"], workdir=work,
-                     pretrained=False, image_sizes=[48], batch_size=64, workers=0, device="cpu", progress=False)
+    extract_features(ExtractSettings(data="demo", backbones=["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"],
+                                     workdir=work, pretrained=False, image_size=[48], workers=0, device="cpu",
+                                     progress=False))
     return work
 
 
@@ -138,12 +140,12 @@ def test_ties() -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("heads: {linear: {lr: [0.01], decay: [l1]}}", r"heads\.linear: decay: one of decoupled, l2, got 'l1'"),
-    ("heads: {linear: {lr: [0.01], momentum: [0.9]}}", r"heads\.linear: unknown key 'momentum'"),
-    ("heads: {linear: {lr: [-1.0]}}", r"heads\.linear: head linear-lr-1.*lr > 0"),
+    ("heads: {linear: {lr: [0.01], decay: [l1]}}", r"heads\.linear\.decay\[0\]: Input should be 'decoupled' or 'l2'"),
+    ("heads: {linear: {lr: [0.01], momentum: [0.9]}}", r"heads\.linear\.momentum: unknown key"),
+    ("heads: {linear: {lr: [-1.0]}}", r"heads\.linear\.lr: Input should be greater than 0"),
     ("heads: {linear: {weight_decay: [fast]}}", r"heads\.linear\.weight_decay"),
-    ("heads: {svm: {lr: [0.01]}}", r"heads\.svm: unknown head type"),
-    ("train: {batch_sise: 64}", r"train\.\['batch_sise'\]"),
+    ("heads: {svm: {lr: [0.01]}}", r"heads\.svm: unknown key"),
+    ("train: {batch_sise: 64}", r"train\.batch_sise: unknown key"),
     ("heads: {linear: {lr: [0.01, 0.01]}}", r"repeats head"),
 ])
 def test_bad_grid_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -177,7 +179,7 @@ def test_stacked_heads_step_like_torch_optimizers(decay: str) -> None:
     mine.load_state_dict(ref.state_dict())
     optimizer = torch.optim.AdamW if decay == "decoupled" else torch.optim.Adam
     opt = optimizer([{"params": [ref.fc.weight], "weight_decay": 0.3}, {"params": [ref.fc.bias], "weight_decay": 0.0}], lr=0.05)
-    fam = _Family({0: mine}, [cfg], [0], seed=0, device=torch.device("cpu"))
+    fam = HeadStack({0: mine}, [cfg], [0], seed=0, device=torch.device("cpu"))
     for _step in range(1, 8):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(ref(x), y).backward()
@@ -200,7 +202,7 @@ def test_l2_decay_optimum_is_logistic_regression() -> None:
     x[:, :3] += np.eye(3)[y] * 1.5
     xs = StandardScaler().fit_transform(x)
     cfg = HeadConfig(type="linear", lr=0.05, weight_decay=wd, decay="l2")
-    fam = _Family({0: build_head(cfg, 6, 3, torch.zeros(6), torch.ones(6))}, [cfg], [0], seed=0, device=torch.device("cpu"))
+    fam = HeadStack({0: build_head(cfg, 6, 3, torch.zeros(6), torch.ones(6))}, [cfg], [0], seed=0, device=torch.device("cpu"))
     xt, yt = torch.tensor(xs, dtype=torch.float32), torch.tensor(y)
     for step in range(steps):
         torch.nn.functional.cross_entropy(fam.logits(xt, train=True)[:, 0], yt).backward()
@@ -217,11 +219,10 @@ def test_grid_equals_heads_trained_alone(workdir: Path, grid_file: Path) -> None
     grid = load_grid(grid_file)
     with open_cache(workdir / "features" / "test_resnet.r160_in1k@48.h5") as fc:
         tr, va = fc.load("train"), fc.load("val")
-    kw = dict(x_train=tr.features, y_train=tr.labels, x_val=va.features, y_val=va.labels, num_classes=10,
-              options=grid.train, seed=5)
-    together = train_grid(grid.heads, **kw)
+    fit = Fit(options=grid.train, seed=5)
+    together = train_grid(grid.heads, tr, va, 10, fit)
     for i in (0, 5, 8, 9):  # linear, class-weighted linear, MLP with dropout, kNN
-        alone = train_grid([grid.heads[i]], **kw)[0]
+        alone = train_grid([grid.heads[i]], tr, va, 10, fit)[0]
         assert alone.best_epoch == together[i].best_epoch
         np.testing.assert_allclose(alone.val_proba, together[i].val_proba, atol=1e-5)
         assert alone.val_metric == pytest.approx(together[i].val_metric)
@@ -232,7 +233,7 @@ def test_knn_matches_scikit_learn_nearest_neighbour() -> None:
     rng = np.random.default_rng(0)
     xt, yt = rng.normal(size=(200, 16)).astype(np.float32), rng.integers(0, 4, 200)
     xv, yv = rng.normal(size=(50, 16)).astype(np.float32), rng.integers(0, 4, 50)
-    (res,) = train_grid([HeadConfig(type="knn", k=1)], x_train=xt, y_train=yt, x_val=xv, y_val=yv, num_classes=4)
+    (res,) = train_grid([HeadConfig(type="knn", k=1)], Examples(xt, yt), Examples(xv, yv), 4)
     ref = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(xt, yt).predict(xv)
     np.testing.assert_array_equal(res.val_proba.argmax(1), ref)
 
@@ -246,8 +247,8 @@ def test_every_head_exports_to_onnx_with_a_dynamic_batch(config: HeadConfig, tmp
     rng = np.random.default_rng(0)
     xt, yt = rng.normal(size=(60, 8)).astype(np.float32), rng.integers(0, 3, 60)
     xv = rng.normal(size=(20, 8)).astype(np.float32)
-    (res,) = train_grid([replace(config, epochs=2)], x_train=xt, y_train=yt, x_val=xv, y_val=rng.integers(0, 3, 20),
-                        num_classes=3)
+    (res,) = train_grid([config.model_copy(update={"epochs": 2})], Examples(xt, yt),
+                        Examples(xv, rng.integers(0, 3, 20)), 3)
     path = export_head_onnx(res.head, 8, tmp_path / "head.onnx")
     assert path is not None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -287,10 +288,9 @@ def test_selection_never_looks_at_test(workdir: Path, grid_file: Path, tmp_path:
         test_rows = np.flatnonzero(split == "test")
         labels[test_rows] = np.random.default_rng(0).permutation(labels[test_rows])
         f["labels"][...] = labels
-    kw = dict(grid=grid, use_grid=True, metric="macro_f1", baseline="none", folds=None, seed=0,
-              device=torch.device("cpu"), n_boot=50, top_k=None, progress=False)
-    a, _ = probe_cache(path, out=tmp_path / "a", **kw)
-    b, _ = probe_cache(shuffled, out=tmp_path / "b", **kw)
+    settings = {"grid": True, "bootstrap": 50, "progress": False}
+    a, _ = probe_cache(path, grid, ProbeSettings(workdir=tmp_path / "a", **settings), torch.device("cpu"))
+    b, _ = probe_cache(shuffled, grid, ProbeSettings(workdir=tmp_path / "b", **settings), torch.device("cpu"))
     assert a["head"] == b["head"] and a["val"] == b["val"]  # same choice, same validation numbers
     assert a["test"]["accuracy"] != b["test"]["accuracy"]  # while the test labels did change
 
@@ -302,6 +302,8 @@ def test_probe_outputs_and_reload(workdir: Path, grid_file: Path, tmp_path: Path
     assert probe_main(argv) == 0
     printed = capsys.readouterr().out
     assert "test_resnet.r160_in1k" in printed and "RANDOM" in printed
+    record = yaml.safe_load((work / "config.yaml").read_text())["probe"]
+    assert record["metric"] == "macro_f1" and record["grid"] is True  # what was used, the metric resolved
     out = work / "probe"
     results = json.loads((out / "results.json").read_text())
     assert len(results["rows"]) == 2 * (11 + 1)  # 11 heads + logreg per backbone
@@ -325,7 +327,7 @@ def test_probe_outputs_and_reload(workdir: Path, grid_file: Path, tmp_path: Path
         ids = test.ids[:6]
     import timm
 
-    from extract.images import load_rgb
+    from runtime.images import load_rgb
 
     tf = timm.data.create_transform(**ckpt["data_config"], is_training=False)
     root = workdir / "data" / "demo"
@@ -343,8 +345,8 @@ def test_probe_outputs_and_reload(workdir: Path, grid_file: Path, tmp_path: Path
 
 def test_default_head_and_folds(workdir: Path, grid_file: Path, tmp_path: Path) -> None:
     work = fresh_copy(workdir, tmp_path)
-    result = run_probe(workdir=work, grid=False, grid_file=grid_file, folds=3, n_boot=50, progress=False,
-                       backbones=["test_resnet*"])
+    result = run_probe(ProbeSettings(workdir=work, grid_file=grid_file, folds=3, bootstrap=50, progress=False,
+                                     backbones=["test_resnet*"]))
     (entry,) = result.entries
     assert entry["n_heads"] == 1 and entry["head"] == load_grid(grid_file).default.name
     assert entry["cv"]["folds"] == 3 and 0 <= entry["cv"]["std"] < 0.2 and 0 < entry["cv"]["mean"] <= 1
@@ -357,6 +359,17 @@ def test_missing_and_incomplete_caches(tmp_path: Path, workdir: Path, caplog: py
     cache = work / "features" / "test_resnet.r160_in1k@48.h5"
     cache.rename(cache.with_name(cache.name + ".partial"))
     with pytest.raises(CacheError, match="python -m extract"):
-        run_probe(workdir=work, progress=False)
+        run_probe(ProbeSettings(workdir=work, progress=False))
     with pytest.raises(CacheError, match="matches no cache"):
-        run_probe(workdir=work, backbones=["vit_*"], progress=False)
+        run_probe(ProbeSettings(workdir=work, backbones=["vit_*"], progress=False))
+
+
+def test_head_file_of_another_format_is_refused() -> None:
+    from probe.heads import HEAD_FORMAT, HeadFormatError, build_head, head_checkpoint, head_from_checkpoint
+
+    config = HeadConfig(type="linear")
+    head = build_head(config, 4, 3, torch.zeros(4), torch.ones(4))
+    ckpt = head_checkpoint(head, config, dim=4, num_classes=3, info={})
+    assert head_from_checkpoint(ckpt).in_features == 4
+    with pytest.raises(HeadFormatError, match=f"head format 99, this version reads format {HEAD_FORMAT}; run"):
+        head_from_checkpoint({**ckpt, "format": 99})

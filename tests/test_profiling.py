@@ -10,6 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from configs.extract import ExtractSettings
+from configs.probe import ProbeSettings
+from configs.profiling import ProfilingSettings
 from extract.backbones import BackboneSpec
 from extract.models import Weights, create_backbone, preprocessing
 from profiling.cli import main as profiling_main
@@ -109,8 +112,9 @@ def test_profiling_end_to_end_with_a_failure(tmp_path: Path, caplog: pytest.LogC
         return original(model, input_size, path, key=key)
 
     monkeypatch.setattr(pipeline, "export_onnx", failing_for_vit)
-    result = run_profiling(workdir=tmp_path, backbones=["test_resnet.r160_in1k", "test_vit.r160_in1k"], pretrained=False,
-                           image_sizes=[64], batch_sizes=(1, 2), provider="cpu", **FAST)
+    result = run_profiling(ProfilingSettings(workdir=tmp_path, backbones=["test_resnet.r160_in1k", "test_vit.r160_in1k"],
+                                             pretrained=False, image_size=[64], batch_sizes=(1, 2), provider="cpu",
+                                             **FAST))
     assert [f["backbone"] for f in result["failures"]] == ["test_vit.r160_in1k"]
     records = result["records"]
     assert [(r["backbone"], r["batch_size"]) for r in records] == [("test_resnet.r160_in1k", 1), ("test_resnet.r160_in1k", 2)]
@@ -132,9 +136,9 @@ def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, capsys: pytest.
     from probe.pipeline import run_probe
 
     work = tmp_path / "w"
-    extract_features(data="demo", backbones=["test_resnet.r160_in1k"], workdir=work, pretrained=False,
-                     image_sizes=[48], workers=0, device="cpu", progress=False)
-    run_probe(workdir=work, n_boot=20, progress=False)
+    extract_features(ExtractSettings(data="demo", backbones=["test_resnet.r160_in1k"], workdir=work, pretrained=False,
+                                     image_size=[48], workers=0, device="cpu", progress=False))
+    run_probe(ProbeSettings(workdir=work, bootstrap=20, progress=False))
     assert (work / "probe" / "heads" / "test_resnet.r160_in1k@48.onnx").is_file()
     argv = ["--workdir", str(work), "--batch-sizes", "1", "3", "--min-runs", "3", "--min-seconds", "0", "--warmup", "1",
             "--provider", "cpu", "--no-progress"]

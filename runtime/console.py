@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-import csv
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -37,17 +34,6 @@ def setup_logging(verbosity: int = 0) -> None:
     # Third-party chatter that says nothing a user can act on.
     for noisy in ("timm", "h5py", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """``rows`` (dicts) as CSV, columns in first-seen order; lists and dicts as JSON cells."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:

@@ -7,7 +7,13 @@ import logging
 
 import torch
 
+from runtime.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class DeviceError(UserError, RuntimeError):
+    """The asked-for device is not available here."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -19,9 +25,9 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+        raise DeviceError("--device cuda: no CUDA device is available here; use --device auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+        raise DeviceError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
     return torch.device(name)
 
 

@@ -1,0 +1,91 @@
+"""Settings from three layers: the model's typed defaults, then a ``--config`` file, then flags.
+
+A config file has one section per command; ``workdir`` may also stand at the top level, where it
+applies to every command::
+
+    workdir: runs/digits
+    extract:
+      data: demo
+      backbones: [demo]
+    probe:
+      metric: macro_f1
+
+The resolved settings are recorded in the workdir's ``config.yaml`` (one section per command) only
+after the command succeeded, so the record always describes results that exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import ValidationError
+
+from configs.settings import ConfigError, Settings, error_lines, read_yaml
+from runtime.files import atomic_write_text
+
+COMMANDS = ("extract", "probe", "profiling", "finetune")
+SHARED_TOP_LEVEL = ("workdir",)
+
+S = TypeVar("S", bound=Settings)
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def file_section(path: Path, section: str) -> dict[str, Any]:
+    """What ``path`` sets for ``section`` (with a top-level ``workdir``); unknown top-level keys are errors."""
+    data = read_yaml(path, "config file")
+    for key in data:
+        if key not in COMMANDS and key not in SHARED_TOP_LEVEL:
+            raise ConfigError(f"{path}: unknown top-level key '{key}'; allowed: the sections "
+                              f"{', '.join(COMMANDS)} and {', '.join(SHARED_TOP_LEVEL)}")
+    body = data.get(section) or {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: section '{section}' must be a mapping of keys")
+    shared = {k: data[k] for k in SHARED_TOP_LEVEL if k in data}
+    return {**shared, **body}
+
+
+def resolve(model: type[S], section: str, config_file: Path | None = None,
+            flags: Mapping[str, Any] | None = None) -> S:
+    """Defaults, then ``config_file``'s ``section``, then ``flags`` (only those given); errors name their source."""
+    from_file = file_section(Path(config_file), section) if config_file is not None else {}
+    flags = dict(flags or {})
+    try:
+        return model.model_validate({**from_file, **flags})
+    except ValidationError as exc:
+
+        def name(loc: tuple[Any, ...]) -> str:
+            if not loc:
+                return f"{config_file}: {section}" if config_file else section
+            head = str(loc[0])
+            rest = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+            if head in flags:
+                return flag_name(head) + rest
+            where = f"{config_file}: " if head in from_file else ""
+            return f"{where}{section}.{head}{rest}"
+
+        text = error_lines(exc, name, known=model)
+        # A required setting can come from either layer: say both.
+        text = "\n".join(line + (f" (give {flag_name(line.split('.', 1)[1].split(':')[0])} or set it in the "
+                                 f"--config file)" if line.endswith(": required") else "")
+                         for line in text.splitlines())
+        raise ConfigError(text) from None
+
+
+def write_resolved(workdir: Path, section: str, settings: Settings) -> Path:
+    """Record ``settings`` as ``section`` of ``workdir/config.yaml``, keeping the other commands' sections."""
+    path = Path(workdir) / "config.yaml"
+    existing: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            existing = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            existing = {}
+    existing[section] = settings.plain()
+    atomic_write_text(path, yaml.safe_dump(existing, sort_keys=False))
+    return path

@@ -1,0 +1,118 @@
+"""The base of every settings model: pydantic v2, frozen, unknown keys forbidden, errors that name the key.
+
+A command's settings are one :class:`Settings` subclass (``configs/extract.py`` ...): typed fields with
+their one default and their range (``Field(ge=1)``), and a description that becomes the flag's help.
+:func:`validate` turns pydantic's ``ValidationError`` into a :class:`ConfigError` of one line per
+problem, each naming the key where the user wrote it (``probe.bootstrap``, ``--batch-size``,
+``configs/my-grid.yaml: heads.linear.lr[2]``).
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from runtime.errors import UserError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+def is_sequence(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return True
+    return any(is_sequence(a) for a in typing.get_args(annotation) if a is not type(None))
+
+
+class Settings(BaseModel):
+    """Frozen (a job can carry it; nothing changes it on the way down), picklable, strict about keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any, info: Any) -> Any:
+        # Flags and YAML alike may give a list as "a,b,c" (or several such words after one flag).
+        field = cls.model_fields.get(info.field_name)
+        if field is None or not is_sequence(field.annotation):
+            return value
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)) and any(isinstance(v, str) and "," in v for v in value):
+            value = [part.strip() for v in value for part in (v.split(",") if isinstance(v, str) else [v])
+                     if not isinstance(part, str) or part.strip()]
+        return value
+
+    def plain(self) -> dict[str, Any]:
+        """As YAML/JSON-friendly data (paths as strings, tuples as lists)."""
+        return self.model_dump(mode="json")
+
+
+def error_lines(exc: ValidationError, name: Callable[[tuple[Any, ...]], str], known: Any = None) -> str:
+    """pydantic's errors as ``KEY: message (got VALUE)``, one per line; ``name`` spells a location.
+
+    ``known`` (the model) lets an unknown top-level key list the known ones.
+    """
+    lines = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        got = "" if err["type"] in ("missing", "extra_forbidden") or not err["loc"] else f" (got {err['input']!r})"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+            if known is not None and len(err["loc"]) == 1:
+                msg += f"; known: {', '.join(known.model_fields)}"
+        elif err["type"] == "missing":
+            msg = "required"
+        key = name(tuple(err["loc"]))
+        lines.append(f"{key}{' ' if key.endswith(':') else ': '}{msg}{got}")
+    return "\n".join(lines)
+
+
+def dotted(prefix: str) -> Callable[[tuple[Any, ...]], str]:
+    """Locations as ``prefix.a.b[2]``."""
+
+    def name(loc: tuple[Any, ...]) -> str:
+        out = prefix
+        for part in loc:
+            if isinstance(part, int):
+                out += f"[{part}]"
+            else:
+                out += str(part) if not out else f" {part}" if out.endswith(":") else f".{part}"
+        return out
+
+    return name
+
+
+def validate(model: type[M], data: Mapping[str, Any], where: str = "") -> M:
+    """``model`` from ``data``, or a :class:`ConfigError` whose lines name each bad key under ``where``."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(error_lines(exc, dotted(where))) from None
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    """A YAML mapping from ``path``; a missing, unreadable or non-mapping file is a :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the {what} must be a mapping of keys, got {type(data).__name__}")
+    return data
