@@ -1,9 +1,19 @@
 """The HDF5 feature store shared by every stage: schema, resumable writer, reader."""
 
-from cache.reader import CachedFeatures, CacheEntry, CacheError, FeatureCache, list_caches, open_cache, read_key
+from cache.reader import (
+    CachedFeatures,
+    CacheEntry,
+    CacheError,
+    FeatureCache,
+    check_same_dataset,
+    dataset_record,
+    list_caches,
+    open_cache,
+    read_key,
+)
 from cache.schema import cache_path, key_hash, make_key, partial_path
 
 __all__ = [
-    "CacheEntry", "CacheError", "CachedFeatures", "FeatureCache", "cache_path", "key_hash",
-    "list_caches", "make_key", "open_cache", "partial_path", "read_key",
+    "CacheEntry", "CacheError", "CachedFeatures", "FeatureCache", "cache_path", "check_same_dataset", "dataset_record",
+    "key_hash", "list_caches", "make_key", "open_cache", "partial_path", "read_key",
 ]

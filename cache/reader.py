@@ -42,6 +42,7 @@ class CacheEntry:
     image_size: int
     path: Path
     complete: bool
+    problem: str | None = None  # why a file in features/ is not a cache at all (not HDF5, not written by extract)
 
 
 class FeatureCache:
@@ -179,15 +180,18 @@ def list_caches(workdir: str | Path) -> list[CacheEntry]:
     for p in sorted(folder.glob("*.h5")) + sorted(folder.glob("*.h5.partial")):
         stem = p.name.removesuffix(".partial").removesuffix(".h5")
         backbone, _, size = stem.rpartition("@")
-        complete = False
+        complete, problem = False, None
         if p.suffix == ".h5":
             try:
                 with h5py.File(p, "r") as f:
-                    complete = bool(f.attrs.get(schema.ATTR_COMPLETE, False))
+                    if schema.ATTR_KEY not in f.attrs or schema.POOLED not in f:
+                        problem = "an HDF5 file that `extract` did not write (no cache key or features)"
+                    complete = bool(f.attrs.get(schema.ATTR_COMPLETE, False)) and problem is None
                     backbone = str(f.attrs.get("backbone", backbone))
             except OSError:
-                complete = False
-        entries.append(CacheEntry(backbone=backbone, image_size=int(size) if size.isdigit() else -1, path=p, complete=complete))
+                problem = "not an HDF5 file (unreadable)"
+        entries.append(CacheEntry(backbone=backbone, image_size=int(size) if size.isdigit() else -1, path=p,
+                                  complete=complete, problem=problem))
     return entries
 
 
@@ -199,3 +203,46 @@ def read_key(path: str | Path) -> tuple[dict[str, Any] | None, bool, str]:
                     str(f.attrs.get(schema.ATTR_ANNOTATIONS, "")))
     except (OSError, KeyError, ValueError):
         return None, False, ""
+
+
+RECORD_FIELDS = ("root", "content_fingerprint", "annotation_fingerprint", "classes")
+
+
+def dataset_record(workdir: str | Path) -> dict[str, Any]:
+    """The workdir's ``dataset.json`` (written by extract), checked; one clear error when it is missing,
+    not JSON, or edited so that a field the stages need is gone."""
+    record = Path(workdir) / "dataset.json"
+    fix = f"run `python -m extract --workdir {workdir}` with the workdir's --data to rewrite it"
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CacheError(f"{record}: missing; {fix}") from None
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{record}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]}); {fix}") from None
+    missing = [k for k in RECORD_FIELDS if not isinstance(data, dict) or not data.get(k)]
+    if missing:
+        raise CacheError(f"{record}: no {', '.join(missing)} (edited by hand?); {fix}")
+    return data
+
+
+def check_same_dataset(workdir: str | Path, paths: list[Path]) -> None:
+    """Refuse caches that were not extracted from the workdir's dataset (``dataset.json``): another
+    ``--data``, another split (``--seed``, ``--fold``), or a file dropped into ``features/`` by hand.
+    Ranking them side by side would compare numbers measured on different images."""
+    record = Path(workdir) / "dataset.json"
+    dataset = dataset_record(workdir)
+    content, annotations = dataset["content_fingerprint"], dataset["annotation_fingerprint"]
+    problems = []
+    for path in paths:
+        key, _, cache_annotations = read_key(path)
+        if key is None:
+            problems.append(f"{path.name}: not a readable feature cache")
+        elif key.get("dataset") != content:
+            problems.append(f"{path.name}: extracted from other images than {record.name} records")
+        elif cache_annotations != annotations:
+            problems.append(f"{path.name}: labels or split differ from {record.name} (another --seed, --fold or "
+                            "annotation file)")
+    if problems:
+        raise CacheError("caches that do not belong to this workdir's dataset: " + "; ".join(problems) +
+                         f". Run `python -m extract` with this workdir's --data, --seed and --fold (it rebuilds or "
+                         f"relabels them), or move these files out of {Path(workdir) / 'features'}")

@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+# 2: a CRC-32 per row (ROW_CRC); caches of format 1 cannot be verified and are rebuilt.
+FORMAT_VERSION = 2
 
 # Datasets
 POOLED = "pooled"  # (N, D) pre-logits features
@@ -25,6 +26,7 @@ LABELS = "labels"  # (N,) int class index
 SPLIT = "split"  # (N,) bytes: train / val / test
 IDS = "ids"  # (N,) str: path relative to the data root
 VIEW = "view"  # (N,) int: 0 plain, 1..K augmented
+ROW_CRC = "row_crc"  # (N,) uint32: CRC-32 of each row's stored bytes (pooled, then map), written with the row
 
 # Attributes
 ATTR_COMPLETE = "complete"

@@ -7,14 +7,12 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from configs.settings import Settings
+from configs.settings import CommandSettings
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
-WORKDIR_HELP = "where every stage reads and writes"
 
 
-class ExtractSettings(Settings):
-    workdir: Path = Field(Path("runs/default"), description=WORKDIR_HELP)
+class ExtractSettings(CommandSettings):
     data: str = Field(description="an image folder (root/<class>/* or root/{train,val,test}/<class>/*), a CSV "
                       "(path,label[,split|fold]), or 'demo' (scikit-learn's digits)")
     backbones: tuple[str, ...] = Field(("all",), min_length=1, description="set names from the backbones file (all, "
@@ -25,7 +23,7 @@ class ExtractSettings(Settings):
                              "(said in every output)")
     weights_dir: Path | None = Field(None, description="folder of local weights: <name>.safetensors|.pth|.bin or "
                                      "<name>/model.safetensors", json_schema_extra={"default_text": "the hub"})
-    image_size: tuple[Annotated[int, Field(ge=16)], ...] = Field(
+    image_size: tuple[Annotated[int, Field(ge=16, le=4096)], ...] = Field(
         (), description="input size(s) overriding each backbone's own; several give a resolution sweep",
         json_schema_extra={"default_text": "each backbone's own"})
     batch_size: int = Field(64, ge=1, description="images per forward pass (halved automatically on out-of-memory)")

@@ -18,14 +18,13 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from configs import config_file
-from configs.extract import WORKDIR_HELP, Device
+from configs.extract import Device
 from configs.probe import Metric
 from configs.profiling import Provider
-from configs.settings import ConfigError, Settings, read_yaml, validate
+from configs.settings import CommandSettings, ConfigError, Settings, read_yaml, validate
 
 
-class FinetuneSettings(Settings):
-    workdir: Path = Field(Path("runs/default"), description=WORKDIR_HELP)
+class FinetuneSettings(CommandSettings):
     top: int = Field(3, ge=1, description="fine-tune the K best backbones (x resolution) of the probe leaderboard")
     backbones: tuple[str, ...] = Field((), description="names or patterns instead of --top",
                                        json_schema_extra={"default_text": "the --top best"})

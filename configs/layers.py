@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from configs.settings import ConfigError, Settings, error_lines, read_yaml
 from runtime.files import atomic_write_text
+from runtime.locks import exclusive
 
 COMMANDS = ("extract", "probe", "profiling", "finetune")
 SHARED_TOP_LEVEL = ("workdir",)
@@ -80,12 +81,13 @@ def resolve(model: type[S], section: str, config_file: Path | None = None,
 def write_resolved(workdir: Path, section: str, settings: Settings) -> Path:
     """Record ``settings`` as ``section`` of ``workdir/config.yaml``, keeping the other commands' sections."""
     path = Path(workdir) / "config.yaml"
-    existing: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            existing = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
-            existing = {}
-    existing[section] = settings.plain()
-    atomic_write_text(path, yaml.safe_dump(existing, sort_keys=False))
+    with exclusive(workdir, "config", wait=True):  # read-modify-write: another command may record its section
+        existing: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                existing = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError:
+                existing = {}
+        existing[section] = settings.plain()
+        atomic_write_text(path, yaml.safe_dump(existing, sort_keys=False))
     return path

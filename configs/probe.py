@@ -10,15 +10,14 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from configs import config_file
-from configs.extract import WORKDIR_HELP, Device
-from configs.settings import ConfigError, Settings, read_yaml, validate
+from configs.extract import Device
+from configs.settings import CommandSettings, ConfigError, Settings, read_yaml, validate
 
 # The probe's metrics (probe/metrics.py computes them); the first five are what a head can be selected by.
 Metric = Literal["accuracy", "balanced_accuracy", "macro_f1", "qwk", "top_k_accuracy", "roc_auc", "log_loss"]
 
 
-class ProbeSettings(Settings):
-    workdir: Path = Field(Path("runs/default"), description=WORKDIR_HELP)
+class ProbeSettings(CommandSettings):
     grid: bool = Field(False, description="train the whole grid of the grid file (else its one default head)")
     grid_file: Path | None = Field(None, description="the grid definition",
                                    json_schema_extra={"default_text": "the shipped configs/probe.yaml"})

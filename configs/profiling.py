@@ -7,14 +7,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from configs.extract import WORKDIR_HELP, Device
-from configs.settings import Settings
+from configs.extract import Device
+from configs.settings import CommandSettings
 
 Provider = Literal["auto", "cpu", "cuda", "tensorrt"]
 
 
-class ProfilingSettings(Settings):
-    workdir: Path = Field(Path("runs/default"), description=WORKDIR_HELP)
+class ProfilingSettings(CommandSettings):
     backbones: tuple[str, ...] = Field((), description="set names, timm names or patterns, as for extract",
                                        json_schema_extra={"default_text": "the backbones `extract` cached in the "
                                                           "workdir"})
@@ -25,7 +24,7 @@ class ProfilingSettings(Settings):
                                                                   "pretrained with --backbones"})
     weights_dir: Path | None = Field(None, description="folder of local weights (with --backbones)",
                                      json_schema_extra={"default_text": "the hub"})
-    image_size: tuple[Annotated[int, Field(ge=16)], ...] = Field(
+    image_size: tuple[Annotated[int, Field(ge=16, le=4096)], ...] = Field(
         (), description="input size(s) (with --backbones)", json_schema_extra={"default_text": "each backbone's own"})
     data: str | None = Field(None, description="images for the ONNX-vs-PyTorch check",
                              json_schema_extra={"default_text": "the workdir's dataset, else demo"})

@@ -9,13 +9,14 @@ problem, each naming the key where the user wrote it (``probe.bootstrap``, ``--b
 
 from __future__ import annotations
 
+import os
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime.errors import UserError
 
@@ -52,9 +53,30 @@ class Settings(BaseModel):
                      if not isinstance(part, str) or part.strip()]
         return value
 
+    @field_validator("workdir", mode="after", check_fields=False)
+    @classmethod
+    def _workdir_is_a_folder(cls, path: Path) -> Path:
+        if path.exists() and not path.is_dir():
+            raise ValueError("is a file, not a folder; give a folder (it is created if missing)")
+        return path
+
     def plain(self) -> dict[str, Any]:
         """As YAML/JSON-friendly data (paths as strings, tuples as lists)."""
         return self.model_dump(mode="json")
+
+
+class CommandSettings(Settings):
+    """What every command's settings have: the workdir, and how HDF5 may lock files there."""
+
+    workdir: Path = Field(Path("runs/default"), description="where every stage reads and writes")
+    hdf5_locking: bool = Field(True, description="HDF5's own file locking; --no-hdf5-locking on file systems "
+                               "where it fails (Lustre, some NFS): the project's own locks still keep two "
+                               "processes apart")
+
+    def apply_environment(self) -> None:
+        """Set what the libraries read from the environment (HDF5 reads HDF5_USE_FILE_LOCKING at each open)."""
+        if not self.hdf5_locking:
+            os.environ["HDF5_USE_FILE_LOCKING"] = "FALSE"
 
 
 def error_lines(exc: ValidationError, name: Callable[[tuple[Any, ...]], str], known: Any = None) -> str:
@@ -100,15 +122,33 @@ def validate(model: type[M], data: Mapping[str, Any], where: str = "") -> M:
         raise ConfigError(error_lines(exc, dotted(where))) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (not last-one-wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
-    """A YAML mapping from ``path``; a missing, unreadable or non-mapping file is a :class:`ConfigError`."""
+    """A YAML mapping from ``path``; a missing, unreadable, non-UTF-8 or non-mapping file, or a key given twice,
+    is a :class:`ConfigError`."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {what}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if data is None:

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import yaml
 
 from configs import config_file
+from configs.settings import ConfigError, read_yaml
 from runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,9 @@ def load_sets(path: Path | None = None) -> dict[str, list[BackboneSpec]]:
     """The named sets of a backbones YAML file (the shipped one by default)."""
     path = Path(path) if path else config_file("backbones.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise BackboneError(f"{path}: cannot read backbone sets ({exc})") from None
+        data = read_yaml(path, "backbones file")
+    except ConfigError as exc:
+        raise BackboneError(str(exc)) from None
     sets = data.get("sets")
     if not isinstance(sets, dict):
         raise BackboneError(f"{path}: expected a top-level 'sets:' mapping of name -> list of backbones")

@@ -11,7 +11,7 @@ from configs.flags import build_parser as settings_parser
 from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from runtime.console import format_table, setup_logging
-from runtime.errors import UserError
+from runtime.errors import as_user_error
 
 log = logging.getLogger("extract")
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbosity(args))
     try:
         settings = resolve(ExtractSettings, "extract", args.config, given(args))
+        settings.apply_environment()
         from extract.dataset import dataset_for, decode_workers
 
         dataset = dataset_for(settings)  # a bad --data is reported before torch and timm load (seconds)
@@ -35,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
         results = extract_features(settings, dataset)
         used = settings.model_copy(update={"workers": decode_workers(settings)})  # the record says what was used
-    except UserError as exc:
-        log.error("%s", exc)
+    except Exception as exc:
+        if (problem := as_user_error(exc)) is None:
+            raise  # a bug: keep its traceback
+        log.error("%s", problem)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; run the same command again to resume")

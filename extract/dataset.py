@@ -25,6 +25,7 @@ from configs.extract import ExtractSettings
 from runtime.errors import UserError
 from runtime.files import atomic_write_text
 from runtime.images import IMAGE_SUFFIXES, check_readable
+from runtime.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,14 @@ def _from_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[s
 
 
 def _from_csv(csv_path: Path, fold: int | None) -> tuple[list[tuple[Path, str, str | None]], list[str]]:
-    with csv_path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:  # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{csv_path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                           "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
     missing = [c for c in ("path", "label") if c not in columns]
     if missing:
         raise DatasetError(
@@ -133,6 +138,10 @@ def _from_csv(csv_path: Path, fold: int | None) -> tuple[list[tuple[Path, str, s
         raise DatasetError(f"{csv_path}: has a 'fold' column; choose the validation fold with --fold K (folds: {', '.join(values)})")
     if fold is not None and not has_fold:
         raise DatasetError(f"--fold {fold} given, but {csv_path} has no 'fold' column")
+    if has_fold:
+        folds = sorted({int(r["fold"]) for r in rows if r["fold"].lstrip("-").isdigit()})
+        if fold not in folds:
+            raise DatasetError(f"--fold {fold}: {csv_path} has folds {', '.join(map(str, folds))}; choose one of them")
     entries: list[tuple[Path, str, str | None]] = []
     for line, row in enumerate(rows, start=2):
         if not row["path"] or not row["label"]:
@@ -360,6 +369,8 @@ def decode_workers(settings: ExtractSettings) -> int:
 def dataset_for(settings: ExtractSettings) -> Dataset:
     """``settings.data`` read, checked and split as ``settings`` say (before any model is loaded, so a bad
     ``--data`` is reported at once)."""
-    return load_dataset(settings.data, workdir=settings.workdir, seed=settings.seed,
-                        split_ratios=settings.split_ratios, fold=settings.fold,
-                        max_unreadable=settings.max_unreadable, workers=max(decode_workers(settings), 1))
+    # dataset.json and the demo images are shared by every process on the workdir: one writes them at a time.
+    with exclusive(settings.workdir, "dataset", wait=True):
+        return load_dataset(settings.data, workdir=settings.workdir, seed=settings.seed,
+                            split_ratios=settings.split_ratios, fold=settings.fold,
+                            max_unreadable=settings.max_unreadable, workers=max(decode_workers(settings), 1))

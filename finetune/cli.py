@@ -11,7 +11,7 @@ from configs.flags import build_parser as settings_parser
 from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from runtime.console import setup_logging
-from runtime.errors import UserError
+from runtime.errors import as_user_error
 
 log = logging.getLogger("finetune")
 
@@ -29,12 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbosity(args))
     try:
         settings = resolve(FinetuneSettings, "finetune", args.config, given(args))
+        settings.apply_environment()
         tuning = load_tuning(settings.space, settings.overlay())
         from finetune.pipeline import run_finetune  # torch, timm and Nevergrad load only once there is work to do
 
         result = run_finetune(settings, tuning)
-    except UserError as exc:
-        log.error("%s", exc)
+    except Exception as exc:
+        if (problem := as_user_error(exc)) is None:
+            raise  # a bug: keep its traceback
+        log.error("%s", problem)
         return 2
     except KeyboardInterrupt:
         log.error("Interrupted. Finished trials are kept in trials.jsonl; run the same command to continue.")

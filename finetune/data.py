@@ -6,7 +6,6 @@ stage two trains on exactly the images, labels and splits stage one used.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import numpy as np
 import timm.data
 import torch
 
-from cache import CacheError, open_cache
+from cache import CacheError, dataset_record, open_cache
 from configs.finetune import Augment
 from runtime.images import load_rgb
 
@@ -44,9 +43,7 @@ class FinetuneData:
 def load_data(workdir: Path, cache_path: Path) -> FinetuneData:
     """Images and features for one cache; clear errors when the data moved or the labels changed."""
     record_path = Path(workdir) / "dataset.json"
-    if not record_path.is_file():
-        raise CacheError(f"{record_path}: missing. Run `python -m extract` for this workdir first.")
-    record = json.loads(record_path.read_text())
+    record = dataset_record(workdir)
     root = Path(record["root"])
     with open_cache(cache_path) as fc:
         if fc.annotation_fingerprint and record.get("annotation_fingerprint") not in (None, fc.annotation_fingerprint):

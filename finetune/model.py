@@ -8,7 +8,6 @@ record (model, weights, kwargs, preprocessing, classes), so it reloads anywhere.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from finetune.data import FinetuneData
 from probe.classifier import ProbeClassifier, load_head
 from probe.heads import build_head, head_checkpoint, head_from_checkpoint
 from probe.train import Examples, Fit, feature_stats, train_grid
+from runtime.files import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,7 @@ def save_checkpoint(path: Path, model: ProbeClassifier, head_config: HeadConfig,
             "backbone_state": {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()},
             "head": head_checkpoint(head, head_config, dim=dim, num_classes=len(record["classes"]), info={}),
             **info}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch(ckpt, path)
 
 
 def load_checkpoint(path: Path, *, exportable: bool = False) -> tuple[ProbeClassifier, dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cache import CacheError
+from cache import CacheError, check_same_dataset
 from configs.finetune import FinetuneSettings, TuningConfig
 from configs.settings import ConfigError
 from finetune.data import FinetuneData, load_data
@@ -31,6 +31,7 @@ from profiling.export import ExportError
 from runtime.console import format_table
 from runtime.device import pick_device
 from runtime.files import atomic_write_text
+from runtime.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def select_targets(workdir: Path, *, top: int, backbones: list[str] | None, metr
             raise ConfigError(f"--backbones {','.join(backbones)} matches nothing the probe ranked ({names})")
     else:
         chosen = entries[:top]
+    check_same_dataset(workdir, [Path(e["cache"]) for e in chosen])
     targets = []
     for e in chosen:
         targets.append(Target(record={k: e.get(k) for k in RECORD_KEYS}, cache=Path(e["cache"]),
@@ -195,12 +197,14 @@ def run_finetune(settings: FinetuneSettings, tuning: TuningConfig) -> FinetuneOu
         if s.restart:
             _move_aside(folder)
         data = load_data(workdir, target.cache)
-        study = _search(target, data, tuning, folder, s, setup)
-        summary = study.summary()
-        atomic_write_text(folder / "study.json", json.dumps({**summary, "backbone": target.name,
-                                                             "head": s.head, "spec_source": tuning.source}, indent=2))
-        result = _finish(target, data, study, summary["trials"], s, setup)
-        _explain(target, data, tuning, workdir, dev, result)
+        # One process per study: a second one would run the same trials in the same folders.
+        with exclusive(workdir, f"study-{target.slug}"):
+            study = _search(target, data, tuning, folder, s, setup)
+            summary = study.summary()
+            atomic_write_text(folder / "study.json", json.dumps({**summary, "backbone": target.name, "head": s.head,
+                                                                 "spec_source": tuning.source}, indent=2))
+            result = _finish(target, data, study, summary["trials"], s, setup)
+            _explain(target, data, tuning, workdir, dev, result)
         results.append(result)
         studies.append({"name": target.name, "optimizer": result["optimizer"], "trials": summary["trials"],
                         "probe_val": target.probe.get("val")})

@@ -32,7 +32,7 @@ from configs.settings import ConfigError
 from finetune.space import parametrization, plain_value
 from finetune.trainer import StudyStopped, TrialOutcome
 from probe.metrics import METRICS
-from runtime.errors import UserError
+from runtime.errors import UserError, is_storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +116,27 @@ class Study:
     def _read_log(self) -> list[dict[str, Any]]:
         if not self.log_path.is_file():
             return []
+        data = self.log_path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            # A kill, a full disk or a power loss cut the last line. Appending to it would glue the next event
+            # onto the torn one and lose both: set the tail aside and go on from the complete lines.
+            cut = data.rfind(b"\n") + 1
+            aside = self.log_path.with_name(f"{self.log_path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+            aside.write_bytes(data[cut:])
+            with open(self.log_path, "r+b") as fh:
+                fh.truncate(cut)
+                os.fsync(fh.fileno())
+            log.warning("%s: its last line was cut off (a kill, full disk or power loss); set aside in %s, "
+                        "resuming from the %d complete lines", self.log_path, aside.name, data[:cut].count(b"\n"))
+            data = data[:cut]
         events = []
-        for n, line in enumerate(self.log_path.read_text().splitlines(), 1):
+        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 events.append(json.loads(line))
-            except json.JSONDecodeError:
-                # Only a line cut by a kill can be broken, and only the last one.
-                log.warning("%s line %d is incomplete (killed while writing); ignored", self.log_path, n)
+            except json.JSONDecodeError:  # written by an older version on a torn tail
+                log.warning("%s line %d is broken; ignored", self.log_path, n)
         if events and events[0].get("event") == "study":
             old = events[0]
             diffs = [k for k in ("optimizer", "ng_optimizer", "metric", "seed", "space", "workers")
@@ -178,6 +190,10 @@ class Study:
                 self.trials[n] = TrialRecord(n, event["params"])
             elif kind == "end":
                 n = int(event["trial"])
+                if n not in candidates:  # its start line was lost (a broken line): the trial is run again
+                    log.warning("%s: trial %d ended but its start was not recorded; it runs again", self.log_path, n)
+                    self.trials.pop(n, None)
+                    continue
                 record = self.trials[n]
                 record.status, record.metric, record.loss = event["status"], event.get("metric"), event["loss"]
                 record.reason, record.seconds, record.best_epoch = event.get("reason"), event.get("seconds"), event.get("best_epoch")
@@ -253,8 +269,8 @@ class Study:
                 finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
                 for future in sorted(finished, key=lambda f: in_flight[f][0]):
                     exc = future.exception()
-                    if isinstance(exc, (KeyboardInterrupt, StudyStopped)):
-                        raise exc
+                    if isinstance(exc, (KeyboardInterrupt, StudyStopped)) or (exc and is_storage_failure(exc)):
+                        raise exc  # the trial did not fail, it was stopped: not told, it runs again next time
                     n, candidate = in_flight.pop(future)
                     finish(n, candidate, future)
         except BaseException:

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,8 @@ from finetune.unfreeze import ProgressiveUnfreezer, default_schedule, stage_span
 from probe.metrics import METRICS, fast_metric
 from probe.train import class_weights
 from runtime.device import autocast, empty_cache, is_out_of_memory
-from runtime.files import write_csv
+from runtime.errors import is_storage_failure
+from runtime.files import save_torch, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -238,20 +238,25 @@ class _Trial:
                 "head_source": self.head_source}
 
     def _save_last(self, epoch: int) -> None:
-        path = self.folder / "last.pt"
-        tmp = path.with_name("last.pt.tmp")
-        torch.save({"epoch": epoch, "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+        save_torch({"epoch": epoch, "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                     "optimizer": self.unfreezer.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                     "best": self.best, "best_epoch": self.best_epoch, "best_val": self.best_val,
-                    "bad_epochs": self.bad_epochs, "history": self.history, "params": self.params.to_dict()}, tmp)
-        os.replace(tmp, path)
+                    "bad_epochs": self.bad_epochs, "history": self.history, "params": self.params.to_dict()},
+                   self.folder / "last.pt")
 
     def resume(self) -> None:
         """Continue after the last finished epoch of an interrupted run of this same trial."""
         path = self.folder / "last.pt"
         if not path.is_file():
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # cut short by a power loss or a full disk: the program's own file, not a result
+            aside = path.with_name(f"last.pt.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(aside)
+            log.warning("%s: last.pt is unreadable (%s: %s); set aside as %s, starting the trial over",
+                        self.folder, type(exc).__name__, str(exc).splitlines()[0][:100] if str(exc) else "", aside.name)
+            return
         if state.get("params") != self.params.to_dict():
             log.warning("%s: last.pt belongs to other hyperparameters; starting the trial over", self.folder)
             return
@@ -347,6 +352,8 @@ def run_trial(target: Target, data: FinetuneData, params: TrialParams, tuning: T
     except TrialFailed as exc:
         reason = str(exc)
     except Exception as exc:
+        if is_storage_failure(exc):
+            raise  # a full disk is not the configuration's fault: the study stops, the trial runs again later
         if is_out_of_memory(exc):
             reason = f"out of memory (batch size {params.batch_size}): {str(exc).splitlines()[0]}"
             empty_cache(setup.device)

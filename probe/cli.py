@@ -11,7 +11,7 @@ from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from configs.probe import ProbeSettings
 from runtime.console import setup_logging
-from runtime.errors import UserError
+from runtime.errors import as_user_error
 
 log = logging.getLogger("probe")
 
@@ -28,14 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbosity(args))
     try:
         settings = resolve(ProbeSettings, "probe", args.config, given(args))
+        settings.apply_environment()
         from probe.pipeline import refresh_leaderboard, run_probe  # torch and scikit-learn load only for work
 
         if settings.report_only:
             print(refresh_leaderboard(settings.workdir).leaderboard)
             return 0
         result = run_probe(settings)
-    except UserError as exc:
-        log.error("%s", exc)
+    except Exception as exc:
+        if (problem := as_user_error(exc)) is None:
+            raise  # a bug: keep its traceback
+        log.error("%s", problem)
         return 2
     # The record says what was used: the selection metric as resolved, not "the default".
     write_resolved(settings.workdir, "probe", settings.model_copy(update={"metric": settings.selection_metric}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
-from cache import CacheError, list_caches, open_cache
+from cache import CacheError, check_same_dataset, list_caches, open_cache
 from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
 from probe.baseline import logreg_baseline
 from probe.heads import head_checkpoint
@@ -26,7 +27,8 @@ from probe.train import Examples, Fit, TrainedHead, predict_proba, train_grid
 from probe.transferability import knn_loo_accuracy, logme
 from runtime.console import format_table
 from runtime.device import pick_device
-from runtime.files import atomic_write_text, write_csv
+from runtime.files import atomic_write_text, new_version, publish, save_torch, write_csv
+from runtime.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,17 @@ def select_caches(workdir: Path, backbones: list[str] | None) -> list[Path]:
                              "Run `python -m extract` for the backbones you want.")
     else:
         chosen = entries
+    foreign = [f"{e.path.name} ({e.problem})" for e in chosen if e.problem]
+    if foreign:
+        raise CacheError(f"not feature caches: {'; '.join(foreign)}. Move them out of {Path(workdir) / 'features'}; "
+                         "`python -m extract` writes the caches there")
     incomplete = [e.path.name for e in chosen if not e.complete]
     if incomplete:
         raise CacheError(f"incomplete cache(s) {', '.join(incomplete)} (an extraction was interrupted). "
                          f"Run `python -m extract` again with the same options to finish them, or leave them out with --backbones.")
-    return [e.path for e in chosen]
+    paths = [e.path for e in chosen]
+    check_same_dataset(workdir, paths)
+    return paths
 
 
 def _better(metric: str, a: float, b: float) -> bool:
@@ -108,13 +116,13 @@ def transfer_scores(x: np.ndarray, y: np.ndarray, name: str) -> dict[str, float]
     return {"logme": score, "knn_loo": knn, "logme_seconds": t1 - t0, "knn_seconds": t2 - t1}
 
 
-def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.device
+def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.device, out: Path
                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Probe one cache (results under ``settings.workdir/probe``): returns its leaderboard entry and its rows
-    for results.csv."""
+    """Probe one cache, its files written into ``out`` (the next version of ``WORKDIR/probe``): returns its
+    leaderboard entry, which names the files where they will be published, and its rows for results.csv."""
     t0 = time.perf_counter()
     metric, seed, folds = settings.selection_metric, settings.seed, settings.folds
-    out = settings.workdir / "probe"
+    published = settings.workdir / "probe"
     fit = Fit(metric=metric, options=grid.train, seed=seed, device=device)
     with open_cache(path) as fc:
         train = fc.load("train", views=fc.num_views > 0)
@@ -184,7 +192,7 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     # The chosen head, loadable on its backbone with torch.load(weights_only=True).
     head_path = out / "heads" / f"{name}.pt"
     head_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(head_checkpoint(chosen.head, chosen.config, dim=train.features.shape[1], num_classes=c, info={
+    save_torch(head_checkpoint(chosen.head, chosen.config, dim=train.features.shape[1], num_classes=c, info={
         **{key: info[key] for key in ("backbone", "model", "model_kwargs", "weights", "weights_location",
                                       "image_size", "data_config", "classes")},
         "metric": metric, "val_metric": chosen.val_metric, "seed": seed,
@@ -197,9 +205,10 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
                    out / "confusion" / f"{name}.png")
     entry = {**info, "head": chosen.config.name, "head_config": chosen.config.to_dict(), "val": val_best,
              "test": test_metrics, "test_ci": ci, "logreg": logreg, "transfer": transfer, "n_heads": len(configs),
-             "grid_seconds": grid_seconds, "seconds": time.perf_counter() - t0, "head_file": str(head_path),
-             "head_onnx": str(head_onnx) if head_onnx else None,
-             "history_file": str(history_path),
+             "grid_seconds": grid_seconds, "seconds": time.perf_counter() - t0,
+             "head_file": str(published / head_path.relative_to(out)),
+             "head_onnx": str(published / head_onnx.relative_to(out)) if head_onnx else None,
+             "history_file": str(published / history_path.relative_to(out)),
              "cv": {"mean": float(cv["mean"][best]), "std": float(cv["std"][best]), "folds": folds} if cv else None}
     log.info("%s: best %s, val %s %.4f, test %.4f [%.3f, %.3f]; %d heads in %.2fs", name, chosen.config.name, metric,
              val_best[metric], test_metrics[metric], *ci[metric], len(configs), grid_seconds)
@@ -238,8 +247,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def render_leaderboard(workdir: Path, ranked: list[dict[str, Any]], *, metric: str, n_boot: int, seed: int,
-                       n_heads: int, ordinal: bool) -> str:
-    """``leaderboard.md``: the ranked entries, with latency and FLOPs where ``profiling/`` has them."""
+                       n_heads: int, ordinal: bool, folder: Path | None = None) -> str:
+    """``leaderboard.md`` in ``folder`` (``WORKDIR/probe``): the ranked entries, with latency and FLOPs where
+    ``profiling/`` has them."""
     table = format_table(leaderboard_rows(ranked, metric, read_profiling(workdir)))
     header = (f"# Probe leaderboard\n\nSorted by validation {metric} (the selection metric); test metrics with 95% "
               f"bootstrap CIs ({n_boot} resamples of the test images). '≈ best': the test CI overlaps the top one's. "
@@ -249,7 +259,7 @@ def render_leaderboard(workdir: Path, ranked: list[dict[str, Any]], *, metric: s
     if any(e["weights"] == "random" for e in ranked):
         header += "\n**Some backbones use RANDOM weights (--no-pretrained): their numbers say nothing about pretrained quality.**\n"
     leaderboard = header + "\n" + table + "\n"
-    atomic_write_text(Path(workdir) / "probe" / "leaderboard.md", leaderboard)
+    atomic_write_text((folder or Path(workdir) / "probe") / "leaderboard.md", leaderboard)
     return leaderboard
 
 
@@ -267,24 +277,17 @@ def refresh_leaderboard(workdir: Path) -> ProbeOutputs:
     return ProbeOutputs(entries=ranked, leaderboard=text, folder=Path(workdir) / "probe")
 
 
-def run_probe(settings: ProbeSettings) -> ProbeOutputs:
-    """Train heads on every selected cache, choose on validation, test once, write ``probe/``."""
-    s = settings
-    workdir, metric, grid = s.workdir, s.selection_metric, s.grid
-    paths = select_caches(workdir, list(s.backbones))
-    head_grid = load_grid(s.grid_file)
-    dev = pick_device(s.device)
-    out = workdir / "probe"
-    n_heads = len(head_grid.heads) if grid else 1
-    log.info("Probing %d cache(s) with %d head(s) each on %s; selection by validation %s", len(paths), n_heads, dev, metric)
+def _probe_all(paths: list[Path], head_grid: Grid, s: ProbeSettings, dev: torch.device, out: Path
+               ) -> tuple[list[dict[str, Any]], str]:
+    metric, grid, n_heads = s.selection_metric, s.grid, len(head_grid.heads) if s.grid else 1
     entries, rows = [], []
     for path in tqdm(paths, desc="caches", unit="cache", disable=not s.progress or len(paths) < 2, dynamic_ncols=True):
-        entry, r = probe_cache(path, head_grid, s, dev)
+        entry, r = probe_cache(path, head_grid, s, dev, out)
         entries.append(entry)
         rows += r
     ranked = mark_ties(entries, metric)
-    leaderboard = render_leaderboard(workdir, ranked, metric=metric, n_boot=s.bootstrap, seed=s.seed,
-                                     n_heads=n_heads, ordinal=s.ordinal)
+    leaderboard = render_leaderboard(s.workdir, ranked, metric=metric, n_boot=s.bootstrap, seed=s.seed,
+                                     n_heads=n_heads, ordinal=s.ordinal, folder=out)
     write_csv(out / "results.csv", rows)
     atomic_write_text(out / "results.json", json.dumps(_jsonable({
         "metric": metric, "seed": s.seed, "grid": grid, "n_heads": n_heads, "ordinal": s.ordinal, "folds": s.folds,
@@ -293,4 +296,27 @@ def run_probe(settings: ProbeSettings) -> ProbeOutputs:
     if top:
         plot_confusion_grid([(f"#{e['rank']} {e['backbone']}@{e['image_size']}", np.asarray(e["test"]["confusion"]))
                              for e in top], ranked[0]["classes"], out / "confusion" / "top.png")
-    return ProbeOutputs(entries=ranked, leaderboard=leaderboard, folder=out)
+    return ranked, leaderboard
+
+
+def run_probe(settings: ProbeSettings) -> ProbeOutputs:
+    """Train heads on every selected cache, choose on validation, test once, write ``probe/``."""
+    s = settings
+    workdir, metric, grid = s.workdir, s.selection_metric, s.grid
+    paths = select_caches(workdir, list(s.backbones))
+    head_grid = load_grid(s.grid_file)
+    dev = pick_device(s.device)
+    published = workdir / "probe"
+    n_heads = len(head_grid.heads) if grid else 1
+    log.info("Probing %d cache(s) with %d head(s) each on %s; selection by validation %s", len(paths), n_heads, dev, metric)
+    with exclusive(workdir, "probe"):
+        # Everything is written into a new version and published in one step: after a kill at any moment,
+        # readers (profiling, finetune) see the previous complete set of results and heads, or this one.
+        out = new_version(published)
+        try:
+            ranked, leaderboard = _probe_all(paths, head_grid, s, dev, out)
+            publish(out, published)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+    return ProbeOutputs(entries=ranked, leaderboard=leaderboard, folder=published)

@@ -11,7 +11,7 @@ from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from configs.profiling import ProfilingSettings
 from runtime.console import setup_logging
-from runtime.errors import UserError
+from runtime.errors import as_user_error
 
 log = logging.getLogger("profiling")
 
@@ -29,11 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbosity(args))
     try:
         settings = resolve(ProfilingSettings, "profiling", args.config, given(args))
+        settings.apply_environment()
         from profiling.pipeline import run_profiling  # torch, timm and ONNX load only once there is work to do
 
         result = run_profiling(settings)
-    except UserError as exc:
-        log.error("%s", exc)
+    except Exception as exc:
+        if (problem := as_user_error(exc)) is None:
+            raise  # a bug: keep its traceback
+        log.error("%s", problem)
         return 2
     print(result["table"])
     for f in result["failures"]:

@@ -51,7 +51,11 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], path: Path, 
     sidecar = path.with_suffix(".onnx.json")
     fingerprint = _fingerprint(key)
     if path.is_file() and sidecar.is_file() and sidecar.read_text() == fingerprint:
-        return Exported(path, True, 0.0, _size(path))
+        try:  # a file cut short (a kill, a full disk) would otherwise be reused forever
+            onnx.checker.check_model(str(path), full_check=False)
+            return Exported(path, True, 0.0, _size(path))
+        except Exception as exc:
+            log.warning("%s: unreadable (%s); exporting it again", path.name, str(exc).splitlines()[0][:120])
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     example = torch.randn(2, *input_size)

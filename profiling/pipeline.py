@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ import onnxruntime as ort
 import timm
 import timm.data
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from cache import CacheError, list_caches, open_cache
+from cache import CacheError, check_same_dataset, dataset_record, list_caches, open_cache
 from cache.schema import safe_name
 from configs.profiling import ProfilingSettings
 from extract.backbones import BackboneSpec, load_sets, resolve_backbones
@@ -57,9 +59,9 @@ class ProfileTarget:
 def targets_from_caches(workdir: Path) -> list[ProfileTarget]:
     """What `extract` cached in ``workdir``: the same model, weights and preprocessing."""
     out = []
-    for entry in list_caches(workdir):
-        if not entry.complete:
-            continue
+    entries = [e for e in list_caches(workdir) if e.complete]
+    check_same_dataset(workdir, [e.path for e in entries])
+    for entry in entries:
         with open_cache(entry.path) as fc:
             spec, weights, size_kwargs = backbone_from_record(
                 model=fc.model, name=fc.backbone, model_kwargs=fc.key.get("model_kwargs"), weights_tag=fc.weights,
@@ -80,21 +82,26 @@ def targets_from_names(settings: ProfilingSettings) -> list[ProfileTarget]:
     return out
 
 
-def check_images(workdir: Path, data: str | None, n: int = 8) -> list[Path]:
-    """Real images for the numeric check: the workdir's dataset, ``--data``, or the demo digits."""
+def check_images(workdir: Path, data: str | None, n: int = 8) -> list[Image.Image]:
+    """Real images for the numeric check (decoded, RGB): the workdir's dataset, ``--data``, or the demo digits.
+
+    Profiling only reads the workdir's dataset record: another ``--data`` (or the demo) is read in a scratch
+    folder, so neither ``dataset.json`` nor the workdir's images change.
+    """
     record = workdir / "dataset.json"
     if data is None and record.is_file():
-        info = json.loads(record.read_text())
+        info = dataset_record(workdir)
         root = Path(info["root"])
         # The first images of the recorded dataset, in its own (sorted) order.
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         skipped = {s["id"] for s in info.get("skipped", [])}
         paths = [p for p in paths if p.relative_to(root).as_posix() not in skipped]
         if paths:
-            return paths[:: max(1, len(paths) // n)][:n]
-    dataset = load_dataset(data or "demo", workdir=workdir)
-    samples = dataset.samples[:: max(1, len(dataset.samples) // n)][:n]
-    return [s.path for s in samples]
+            return [load_rgb(p) for p in paths[:: max(1, len(paths) // n)][:n]]
+    with tempfile.TemporaryDirectory(prefix="profiling-images-") as scratch:
+        dataset = load_dataset(data or "demo", workdir=Path(scratch))
+        samples = dataset.samples[:: max(1, len(dataset.samples) // n)][:n]
+        return [load_rgb(s.path) for s in samples]
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ class Bench:
     """What every backbone is measured with here: the images of the numeric check, ONNX Runtime's providers,
     the device of the PyTorch reference, and the machine's matmul peak (for the roofline floor)."""
 
-    images: list[Path]
+    images: list[Image.Image]
     providers: list[str]
     device: torch.device
     peak_gflops: float
@@ -129,7 +136,7 @@ def profile_target(target: ProfileTarget, settings: ProfilingSettings, bench: Be
     exported = export_onnx(model, input_size, backbone_path, key=key)
 
     tf = timm.data.create_transform(**target.data_cfg, is_training=False)
-    x = torch.stack([tf(load_rgb(p)) for p in images])
+    x = torch.stack([tf(image) for image in images])
     with torch.no_grad():
         reference = model(x).numpy()
     if with_head:

@@ -1,15 +1,31 @@
-"""Writing result files so that a reader never sees half of one."""
+"""Writing result files so that a reader never sees half of one — or half of a set of them."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
+import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from runtime.errors import write_failed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files written through a temporary file get the permissions any other file gets (mkstemp makes them 0600).
+FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -20,6 +36,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -35,3 +54,55 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     for r in rows:
         writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
     atomic_write_text(path, out.getvalue())
+
+
+def save_torch(obj: Any, path: Path) -> Path:
+    """``torch.save`` so that ``path`` is the old file or the complete new one, and a failed write (a full disk)
+    is a :class:`~runtime.errors.WriteFailed` that names the file, not torch's zip-writer message."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError) and shutil.disk_usage(path.parent).free < (1 << 20):
+            exc = OSError(errno.ENOSPC, "No space left on device")  # torch only says "unexpected pos N vs M"
+        raise write_failed(exc, path) from exc
+    return path
+
+
+def new_version(link: Path) -> Path:
+    """An empty folder to write the next version of ``link``'s contents into (see :func:`publish`)."""
+    versions = link.parent / f".{link.name}.versions"
+    folder = versions / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def publish(version: Path, link: Path) -> None:
+    """Make ``link`` (a symbolic link) point to ``version`` in one atomic step.
+
+    A reader that opens files under ``link`` sees the complete previous set or the complete new one, never
+    a mix, whenever the writer is killed. The previous version is kept (a reader may still be in it);
+    older ones, and versions of writers that were killed before publishing, are removed. The caller
+    holds the lock that keeps a second writer out meanwhile.
+    """
+    versions = version.parent
+    previous = None
+    if link.is_symlink():
+        previous = (link.parent / os.readlink(link)).resolve()
+    elif link.exists():  # a plain folder from before versions were kept: it becomes the previous version
+        previous = versions / f"{time.strftime('%Y%m%d-%H%M%S')}-before"
+        os.rename(link, previous)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(version, link.parent), tmp)
+    os.replace(tmp, link)
+    for old in versions.iterdir():
+        if old.resolve() not in (version.resolve(), previous):
+            shutil.rmtree(old, ignore_errors=True)

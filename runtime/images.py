@@ -22,7 +22,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode in _WIDE_MODES:
         arr = np.asarray(image, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = np.isfinite(arr)  # a NaN or Inf pixel (float TIFFs) must not turn the whole image black
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+        arr = np.where(finite, arr, lo)
         scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
     if image.mode != "RGB":

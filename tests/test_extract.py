@@ -36,7 +36,7 @@ def test_cache_format_and_values(image_folder: Path, extract_kwargs: dict) -> No
     (result,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     assert result.status == "built" and result.rows == 30 and result.path.name == "test_resnet.r160_in1k@64.h5"
     with h5py.File(result.path, "r") as f:
-        assert set(f) == {"pooled", "labels", "split", "ids", "view"}
+        assert set(f) == {"pooled", "labels", "split", "ids", "view", "row_crc"}
         assert f["pooled"].dtype == np.float16 and f["pooled"].shape == (30, result.feature_dim)
         attrs = dict(f.attrs)
         assert attrs["complete"] and attrs["backbone"] == "test_resnet.r160_in1k" and attrs["weights"] == "random"
@@ -46,6 +46,9 @@ def test_cache_format_and_values(image_folder: Path, extract_kwargs: dict) -> No
         ids = f["ids"].asstr()[...]
         assert list(ids) == sorted(ids)
         pooled = f["pooled"][...].astype(np.float32)
+        # Each row's checksum is zlib's CRC-32 of the row's stored bytes.
+        import zlib
+        assert [zlib.crc32(row.tobytes()) for row in f["pooled"][...]] == list(f["row_crc"][...])
     # Independent reference: timm's own eval transform and the model's pooled output.
     torch.manual_seed(RANDOM_INIT_SEED)
     model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=0).eval()
@@ -223,3 +226,29 @@ def test_cli_end_to_end_and_errors(image_folder: Path, tmp_path: Path, capsys: p
     assert "Did you mean" in caplog.text
     assert main(["--data", str(tmp_path / "nope"), *argv[2:]]) == 2
     assert "no such file or folder" in caplog.text
+
+
+@pytest.mark.parametrize("claimed", ["zeroed", 5000, -7])
+def test_resume_trusts_only_rows_that_verify(image_folder: Path, extract_kwargs: dict, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture, claimed) -> None:
+    """A partial file's row count is a claim: rows whose bytes do not match their checksum are written again."""
+    (ref,) = extract_features(ExtractSettings(data=str(image_folder), **{**extract_kwargs,
+                                                                         "workdir": tmp_path / "reference"}))
+    (done,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
+    partial = done.path.with_name(done.path.name + ".partial")
+    done.path.rename(partial)
+    with h5py.File(partial, "r+") as f:
+        f.attrs["complete"] = False
+        n = len(f["pooled"])
+        if claimed == "zeroed":  # rows 10.. never reached the disk (read back as zeros), all counted as done
+            f["pooled"][10:] = 0
+            f.attrs["rows_done"] = n
+        else:
+            f.attrs["rows_done"] = claimed
+    caplog.set_level(logging.INFO)
+    (again,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
+    assert again.status in ("resumed", "built")
+    if claimed == "zeroed":
+        assert f"{n} rows recorded as written, 10 verified; resuming at row 10" in caplog.text
+    with h5py.File(again.path) as got, h5py.File(ref.path) as want:
+        np.testing.assert_array_equal(got["pooled"][...], want["pooled"][...])

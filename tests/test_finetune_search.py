@@ -201,3 +201,50 @@ def test_stage_agreement_ranks_and_kendall_tau() -> None:
     text = render_summary(results, metric="accuracy", workdir=Path("w"), random_weights=False)
     assert "Stage one against stage two" in text and "Kendall's tau" in text
     assert stage_agreement(results[:2], "accuracy")[1] == {}  # tau needs three
+
+
+def test_torn_log_tail_is_set_aside_and_no_trial_is_lost(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A partial last line (full disk, power loss) must not glue onto the next event and lose it."""
+    tuning = load_tuning()
+    folder = tmp_path / "s"
+    Study(folder, tuning, budget=2).run(ok)
+    with open(folder / "trials.jsonl", "a") as fh:
+        fh.write('{"event": "start", "trial": 2, "par')  # cut off, no newline
+    calls: list[int] = []
+
+    def counted(n: int, point: dict, stop: threading.Event) -> TrialOutcome:
+        calls.append(n)
+        return ok(n, point, stop)
+
+    Study(folder, tuning, budget=4).run(counted)
+    assert calls == [2, 3] and "last line was cut off" in caplog.text
+    (aside,) = folder.glob("trials.jsonl.torn-*")
+    assert aside.read_text() == '{"event": "start", "trial": 2, "par'
+    trials = Study(folder, tuning, budget=4).run(counted)  # a third run reads a clean log: nothing to do
+    assert calls == [2, 3] and [t.status for t in trials] == ["ok"] * 4
+    assert all(json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines())
+
+
+def test_full_disk_stops_the_study_without_telling_the_trial(tmp_path: Path) -> None:
+    """An environment error is not a trial result: the study stops, the trial is not told, and runs again."""
+    import errno
+
+    tuning = load_tuning()
+    folder = tmp_path / "s"
+
+    def disk_full_at_trial_1(n: int, point: dict, stop: threading.Event) -> TrialOutcome:
+        if n == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "trial-001" / "metrics.csv"))
+        return ok(n, point, stop)
+
+    with pytest.raises(OSError):
+        Study(folder, tuning, budget=3).run(disk_full_at_trial_1)
+    assert [e["trial"] for e in events(folder) if e["event"] == "end"] == [0]  # trial 1 was not recorded as failed
+    calls: list[int] = []
+
+    def counted(n: int, point: dict, stop: threading.Event) -> TrialOutcome:
+        calls.append(n)
+        return ok(n, point, stop)
+
+    trials = Study(folder, tuning, budget=3).run(counted)
+    assert calls == [1, 2] and [t.status for t in trials] == ["ok"] * 3

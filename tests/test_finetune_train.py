@@ -178,6 +178,32 @@ def test_interrupted_trial_resumes_at_the_next_epoch(target_and_data, tmp_path: 
     assert written == [1, 2, 3]
 
 
+def test_truncated_last_checkpoint_restarts_the_trial_instead_of_failing_it(target_and_data, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+
+    stop = threading.Event()
+    real_write = trainer_module.write_csv
+
+    def write_then_stop(path, rows):
+        real_write(path, rows)
+        if len(rows) == 2:
+            stop.set()  # the study is shut down after epoch 1, with last.pt written
+
+    monkeypatch.setattr(trainer_module, "write_csv", write_then_stop)
+    target, data, metric = target_and_data
+    tuning = load_tuning(overlay={**SEARCH, "train": {**SEARCH["train"], "patience": 5}})
+    args = (target, data, tuning.defaults, tuning, tmp_path / "t", TrialSetup(metric, torch.device("cpu")))
+    with pytest.raises(StudyStopped):
+        run_trial(*args, stop=stop)
+    last = tmp_path / "t" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])  # a power loss cut it short
+    outcome = run_trial(*args)
+    assert outcome.status == "ok" and outcome.epochs == 3
+    assert "last.pt is unreadable" in caplog.text and list((tmp_path / "t").glob("last.pt.unreadable-*"))
+
+
 def test_command_end_to_end_and_rerun_continues(workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import shutil
 
@@ -348,3 +374,17 @@ def test_each_unfreezing_stage_gets_its_own_warm_up_and_decay() -> None:
         assert stage_lr_factor(s, start=s, end=e, warmup=1.0) < 0.01
         assert stage_lr_factor(e - 1e-6, start=s, end=e, warmup=1.0) < 0.01
         assert stage_lr_factor(s + (e - s) / 2, start=s, end=e, warmup=1.0) > 0.9
+
+
+def test_second_finetune_on_a_running_study_is_refused(workdir: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from runtime.locks import exclusive
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    with exclusive(work, "study-test_resnet.r160_in1k@48"):  # as a running `python -m finetune` holds it
+        assert finetune_main(["--workdir", str(work), "--budget", "1", "--no-progress", "--no-latency"]) == 2
+    assert f"study-test_resnet.r160_in1k@48 in {work} is in use by pid {os.getpid()}" in caplog.text
+    assert not (work / "finetune" / "test_resnet.r160_in1k@48" / "trials.jsonl").exists()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def grid_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fresh_copy(workdir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "copy"
     shutil.copytree(workdir / "features", target / "features")
+    shutil.copy(workdir / "dataset.json", target / "dataset.json")
     return target
 
 
@@ -289,8 +291,10 @@ def test_selection_never_looks_at_test(workdir: Path, grid_file: Path, tmp_path:
         labels[test_rows] = np.random.default_rng(0).permutation(labels[test_rows])
         f["labels"][...] = labels
     settings = {"grid": True, "bootstrap": 50, "progress": False}
-    a, _ = probe_cache(path, grid, ProbeSettings(workdir=tmp_path / "a", **settings), torch.device("cpu"))
-    b, _ = probe_cache(shuffled, grid, ProbeSettings(workdir=tmp_path / "b", **settings), torch.device("cpu"))
+    a, _ = probe_cache(path, grid, ProbeSettings(workdir=tmp_path / "a", **settings), torch.device("cpu"),
+                       tmp_path / "a" / "out")
+    b, _ = probe_cache(shuffled, grid, ProbeSettings(workdir=tmp_path / "b", **settings), torch.device("cpu"),
+                       tmp_path / "b" / "out")
     assert a["head"] == b["head"] and a["val"] == b["val"]  # same choice, same validation numbers
     assert a["test"]["accuracy"] != b["test"]["accuracy"]  # while the test labels did change
 
@@ -373,3 +377,79 @@ def test_head_file_of_another_format_is_refused() -> None:
     assert head_from_checkpoint(ckpt).in_features == 4
     with pytest.raises(HeadFormatError, match=f"head format 99, this version reads format {HEAD_FORMAT}; run"):
         head_from_checkpoint({**ckpt, "format": 99})
+
+
+def test_caches_of_another_dataset_are_refused(workdir: Path, grid_file: Path, tmp_path: Path,
+                                               image_folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Probe, profiling and finetune rank only caches of the workdir's dataset (dataset.json)."""
+    from finetune.pipeline import select_targets
+    from profiling.pipeline import targets_from_caches
+
+    work = fresh_copy(workdir, tmp_path)
+    argv = ["--workdir", str(work), "--grid-file", str(grid_file), "--bootstrap", "20", "--no-progress"]
+    assert probe_main(argv) == 0
+    # A cache extracted from other images, dropped into features/ by hand.
+    other = tmp_path / "other"
+    extract_features(ExtractSettings(data=str(image_folder), backbones=["test_vit.r160_in1k"], workdir=other,
+                                     pretrained=False, image_size=[48], workers=0, device="cpu", progress=False))
+    (foreign,) = (other / "features").glob("*.h5")
+    shutil.copy(foreign, work / "features" / foreign.name)
+    assert probe_main(argv) == 2
+    assert f"{foreign.name}: extracted from other images" in caplog.text and "Traceback" not in caplog.text
+    (work / "features" / foreign.name).unlink()
+    # The workdir's dataset re-split (another --seed rewrote dataset.json): every cache is now stale.
+    record = json.loads((work / "dataset.json").read_text())
+    (work / "dataset.json").write_text(json.dumps({**record, "annotation_fingerprint": "0" * 32}))
+    for check in (lambda: run_probe(ProbeSettings(workdir=work, progress=False)),
+                  lambda: targets_from_caches(work),
+                  lambda: select_targets(work, top=1, backbones=None, metric=None)):
+        with pytest.raises(CacheError, match=r"r160_in1k@48\.h5: labels or split differ"):
+            check()
+
+
+def test_killed_probe_leaves_the_previous_complete_set(workdir: Path, grid_file: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """results.json, the heads and the leaderboard are published together: a run killed half-way through
+    writing them leaves readers the previous set, whose head files are the heads results.json names."""
+    import probe.pipeline as pipeline
+
+    work = fresh_copy(workdir, tmp_path)
+    base = ["--workdir", str(work), "--grid-file", str(grid_file), "--bootstrap", "20", "--no-progress"]
+    assert probe_main(base) == 0  # the default head only
+    before = json.loads((work / "probe" / "results.json").read_text())
+    exported = []
+    original = pipeline.export_head_onnx
+
+    def killed_on_the_second(head, dim, path):
+        exported.append(path)
+        if len(exported) == 2:
+            raise KeyboardInterrupt  # as a kill would, after the first backbone's new head was written
+        return original(head, dim, path)
+
+    monkeypatch.setattr(pipeline, "export_head_onnx", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        probe_main([*base, "--grid"])
+    after = json.loads((work / "probe" / "results.json").read_text())
+    assert after == before
+    for entry in after["leaderboard"]:
+        head = torch.load(entry["head_file"], weights_only=True)
+        assert HeadConfig.model_validate(head["config"]).name == entry["head"]
+    assert [p.name for p in (work / ".probe.versions").iterdir()] == [Path(os.readlink(work / "probe")).name]
+    monkeypatch.undo()
+    assert probe_main([*base, "--grid"]) == 0  # and the next run publishes its own complete set
+    grid_run = json.loads((work / "probe" / "results.json").read_text())
+    assert grid_run["n_heads"] == 11
+    for entry in grid_run["leaderboard"]:
+        head = torch.load(entry["head_file"], weights_only=True)
+        assert HeadConfig.model_validate(head["config"]).name == entry["head"]
+
+
+def test_second_probe_on_a_workdir_is_refused_naming_the_first(workdir: Path, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from runtime.locks import exclusive
+
+    work = fresh_copy(workdir, tmp_path)
+    with exclusive(work, "probe"):  # as a running `python -m probe` holds it
+        assert probe_main(["--workdir", str(work), "--no-progress"]) == 2
+    assert f"probe in {work} is in use by pid {os.getpid()} on " in caplog.text
+    assert not (work / "probe").exists()

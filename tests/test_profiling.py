@@ -165,3 +165,29 @@ def test_flops_agree_with_published_figures(name: str, published_gmacs: float) -
 
     model = timm.create_model(name, num_classes=0).eval()
     assert count_flops(model, (3, 224, 224)) / 2e9 == pytest.approx(published_gmacs, rel=0.02)
+
+
+def test_truncated_onnx_with_a_matching_sidecar_is_exported_again(tmp_path: Path) -> None:
+    spec = BackboneSpec(name="test_resnet.r160_in1k", model="test_resnet.r160_in1k")
+    model, _ = create_backbone(spec, RANDOM, exportable=True)
+    path = tmp_path / "m.onnx"
+    key = {"model": spec.model}
+    first = export_onnx(model, (3, 32, 32), path, key=key)
+    assert not first.reused and export_onnx(model, (3, 32, 32), path, key=key).reused
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short; the sidecar still matches
+    again = export_onnx(model, (3, 32, 32), path, key=key)
+    assert not again.reused
+    onnx.checker.check_model(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"images": np.zeros((2, 3, 32, 32), np.float32)})[0].shape[0] == 2
+
+
+def test_profiling_with_other_data_leaves_the_workdir_dataset_alone(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "dataset.json").write_text('{"root": "/elsewhere", "note": "extract wrote this"}')
+    result = run_profiling(ProfilingSettings(workdir=work, backbones=["test_resnet.r160_in1k"], pretrained=False,
+                                             image_size=[32], data="demo", batch_sizes=(1,), provider="cpu", **FAST))
+    assert result["records"] and not result["failures"]
+    assert (work / "dataset.json").read_text() == '{"root": "/elsewhere", "note": "extract wrote this"}'
+    assert not (work / "data").exists()  # the demo images were not written into the workdir

@@ -1,0 +1,136 @@
+"""A full disk stops a command with one clear line, publishes nothing that looks complete, and the same
+command resumes once there is space (issue #10). The file system is a small tmpfs mounted for the test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import CLASSES, make_image
+
+from cache import open_cache
+from cache.writer import HEADROOM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    where = Path("/tmp") / f"bb-full-{uuid.uuid4().hex[:8]}"  # not under tmp_path: pytest cleans that up
+    if not _mount_tmpfs(where, "8m"):
+        if os.environ.get("CI"):
+            pytest.fail("CI must be able to mount a tmpfs (it runs as root)")
+        pytest.skip("mounting a tmpfs is not permitted here (needs root); the full-disk tests need one")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def fill(fs: Path, leave: int) -> Path:
+    """Fill ``fs`` until ``leave`` bytes are free."""
+    st = os.statvfs(fs)
+    filler = fs / "filler"
+    with filler.open("wb") as fh:
+        fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+def extract(data: Path, work: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "extract", "--data", str(data), "--workdir", str(work), "--backbones",
+           "test_efficientnet.r160_in1k", "--no-pretrained", "--image-size", "64", "--batch-size", "8",
+           "--workers", "0", "--no-progress", "--store-maps"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_extract_on_a_full_disk_stops_then_resumes(small_fs: Path, tmp_path: Path) -> None:
+    data = tmp_path / "images"
+    for c, cls in enumerate(CLASSES):
+        for i in range(12):
+            make_image(data / cls / f"{i:02d}.png", seed=100 * c + i)
+    reference = extract(data, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+    (ref_path,) = (tmp_path / "reference" / "features").glob("*.h5")
+
+    work = small_fs / "run"
+    # Room for the dataset record and the start of the cache, not for all of it.
+    filler = fill(small_fs, leave=HEADROOM + ref_path.stat().st_size // 3)
+    first = extract(data, work)
+    assert first.returncode == 2, first.stderr
+    assert "no space left on device" in first.stderr and "run the same command again" in first.stderr
+    assert "Traceback" not in first.stderr
+    assert not list((work / "features").glob("*.h5")), "a cache was published although its rows were not written"
+
+    filler.unlink()
+    second = extract(data, work)
+    assert second.returncode == 0, second.stderr
+    (path,) = (work / "features").glob("*.h5")
+    with open_cache(path) as got, open_cache(ref_path) as ref:
+        assert got.num_rows == ref.num_rows
+    with h5py.File(path) as got, h5py.File(ref_path) as ref:
+        np.testing.assert_array_equal(got["pooled"][...], ref["pooled"][...])  # every row, none zero-filled
+        np.testing.assert_array_equal(got["maps"][...], ref["maps"][...])
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.slow
+def test_probe_profiling_and_finetune_on_a_full_disk(small_fs: Path, tmp_path: Path) -> None:
+    data = tmp_path / "images"
+    for c, cls in enumerate(CLASSES):
+        for i in range(12):
+            make_image(data / cls / f"{i:02d}.png", seed=100 * c + i)
+    work = small_fs / "run"
+    common = ["--workdir", str(work), "--no-progress"]
+    assert run("extract", *common, "--data", str(data), "--backbones", "test_resnet.r160_in1k", "--no-pretrained",
+               "--image-size", "48", "--workers", "0").returncode == 0
+
+    def refused(module: str, *args: str, leave: int = 0) -> str:
+        filler = fill(small_fs, leave)
+        try:
+            done = run(module, *common, *args)
+        finally:
+            filler.unlink()
+        assert done.returncode == 2, done.stderr
+        assert "no space left on device" in done.stderr and "Traceback" not in done.stderr
+        return done.stderr
+
+    refused("probe")
+    assert not (work / "probe").exists()  # nothing published
+    assert run("probe", *common, "--bootstrap", "20").returncode == 0
+    results = (work / "probe" / "results.json").read_text()
+    refused("probe", "--grid", leave=20_000)
+    assert (work / "probe" / "results.json").read_text() == results  # the previous complete set stands
+
+    timing = ["--batch-sizes", "1", "--min-runs", "2", "--min-seconds", "0", "--warmup", "1", "--provider", "cpu"]
+    refused("profiling", *timing)
+    assert run("profiling", *common, *timing).returncode == 0
+
+    study = work / "finetune" / "test_resnet.r160_in1k@48" / "trials.jsonl"
+    tune = ["--budget", "1", "--epochs", "2", "--gradcam-images", "0", "--no-latency", "--data-workers", "0",
+            "--bootstrap", "20"]
+    # Room to start the study and its first trial, not to save the trial's model.
+    refused("finetune", *tune, leave=HEADROOM // 4)
+    assert '"event": "end"' not in (study.read_text() if study.exists() else "")  # not recorded as a failed trial
+    done = run("finetune", *common, *tune)
+    assert done.returncode == 0, done.stderr
+    ends = [line for line in study.read_text().splitlines() if '"event": "end"' in line]
+    assert len(ends) == 1 and '"status": "ok"' in ends[0]
