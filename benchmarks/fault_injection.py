@@ -125,6 +125,20 @@ def study_summary(work: Path) -> list[tuple]:
 # ----------------------------------------------------------------------------- the experiment
 
 
+def prepare(module: str, reference: Path, work: Path) -> None:
+    """The state ``module`` starts from: a copy of the reference workdir without the module's own work."""
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(reference, work, symlinks=True)
+    if module == "extract":
+        for f in (work / "features").glob("*"):
+            f.unlink()
+    elif module == "finetune":
+        shutil.rmtree(work / "finetune")
+    if module != "extract":  # the copied results name the reference's files
+        target = (work / "probe").resolve() / "results.json"
+        target.write_text(target.read_text().replace(str(reference), str(work)))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=10)
@@ -144,28 +158,20 @@ def main() -> int:
         assert rc == 0, f"reference {module} failed"
     want = {"extract": caches(reference), "probe": probe_summary(reference),
             "profiling": profiling_summary(reference), "finetune": study_summary(reference)}
-    print(f"reference run: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()))
+    print("reference run: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()))
     print(f"\n{'command':10s} {'kills':>5s} {'killed':>6s} {'recovered':>9s} {'equal':>5s} {'readers ok':>10s}")
     for module in args.commands.split(","):
         tried = killed = recovered = equal = readers_ok = 0
+        # Kill moments are drawn over the duration of an uninterrupted run from the same starting state (a rerun
+        # of probe or profiling reuses what the reference left, so it is shorter than the reference).
+        prepare(module, reference, base / f"{module}-run")
+        _, duration = run(command(module, base / f"{module}-run", data))
         for _ in range(args.kills):
             work = base / f"{module}-run"
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.copytree(reference, work, symlinks=True)
-            # The state the command starts from: everything before it, nothing of its own.
-            if module == "extract":
-                for f in (work / "features").glob("*"):
-                    f.unlink()
-            elif module == "finetune":
-                shutil.rmtree(work / "finetune")
-            text = json.dumps(json.loads((reference / "probe" / "results.json").read_text())).replace(
-                str(reference), str(work)) if module != "extract" else None
-            if text is not None:  # the copied results name the reference's files
-                target = (work / "probe").resolve() / "results.json"
-                target.write_text(text)
+            prepare(module, reference, work)
             cmd = command(module, work, data)
             tried += 1
-            rc, _ = run(cmd, kill_after=rng.uniform(0.05, 1.0) * seconds[module])
+            rc, _ = run(cmd, kill_after=rng.uniform(0.05, 0.95) * duration)
             killed += rc == -9
             if module == "probe":
                 readers_ok += probe_consistent(work)
