@@ -33,7 +33,6 @@ from extract.dataset import Dataset, decode_workers
 from extract.models import Weights, library_versions
 from runtime.device import autocast, empty_cache, is_out_of_memory
 from runtime.images import load_rgb
-from runtime.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -229,24 +228,7 @@ def extract_one(
     settings: ExtractSettings,
 ) -> ExtractResult:
     """Make sure ``features/<backbone>@<size>.h5`` exists for this key: reuse, relabel, resume or build.
-
-    A second process asking for the same cache waits until the first has built it, then reuses it.
-    """
-    name = schema.cache_path(settings.workdir, spec.name, int(data_cfg["input_size"][-1])).name
-    with exclusive(settings.workdir, f"cache-{name}", wait=True):
-        return _extract(spec, model_factory, weights, data_cfg, size_kwargs, dataset, device, settings)
-
-
-def _extract(
-    spec: BackboneSpec,
-    model_factory: Callable[[], tuple[nn.Module, list[str]]],
-    weights: Weights,
-    data_cfg: dict[str, Any],
-    size_kwargs: dict[str, Any],
-    dataset: Dataset,
-    device: torch.device,
-    settings: ExtractSettings,
-) -> ExtractResult:
+    The caller holds the cache's lock (``extract_features`` does), so two processes never build one file."""
     t0 = time.perf_counter()
     size = int(data_cfg["input_size"][-1])
     s = settings

@@ -7,12 +7,14 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from cache import cache_path
 from configs.extract import ExtractSettings
 from extract.backbones import load_sets, resolve_backbones
 from extract.dataset import Dataset, dataset_for
 from extract.extractor import ExtractResult, extract_one
 from extract.models import choose_weights, create_backbone, preprocessing
 from runtime.device import pick_device
+from runtime.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,10 @@ def extract_features(settings: ExtractSettings, dataset: Dataset | None = None) 
                     loaded[tag] = create_backbone(spec, weights, **extra)
                 return loaded[tag]
 
-            result = extract_one(spec, factory, weights, data_cfg, size_kwargs, dataset, dev, s)
+            name = cache_path(s.workdir, spec.name, int(data_cfg["input_size"][-1])).name
+            # A second process asking for a cache this one builds waits, then reuses it.
+            with exclusive(s.workdir, f"cache-{name}", wait=True):
+                result = extract_one(spec, factory, weights, data_cfg, size_kwargs, dataset, dev, s)
             log.info("%s@%d: %s in %.2fs -> %s", result.backbone, result.image_size, result.status,
                      result.seconds, result.path)
             results.append(result)

@@ -149,21 +149,28 @@ def test_diverging_trial_is_recorded_as_failed(target_and_data, tmp_path: Path) 
     assert outcome.status == "failed" and outcome.reason.startswith("diverged: non-finite")
 
 
-def test_interrupted_trial_resumes_at_the_next_epoch(target_and_data, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def stop_after_epoch_1(monkeypatch: pytest.MonkeyPatch):
+    """An event set once a trial has written its second epoch (0 and 1), as a study shutting down would;
+    and the list of row counts of each metrics.csv write."""
     import threading
 
-    stop = threading.Event()
-    written = []
+    stop, written = threading.Event(), []
     real_write = trainer_module.write_csv
 
     def write_then_stop(path, rows):
         real_write(path, rows)
         written.append(len(rows))
         if len(rows) == 2:
-            stop.set()  # the study is being shut down after epoch 1
+            stop.set()
 
     monkeypatch.setattr(trainer_module, "write_csv", write_then_stop)
+    return stop, written
+
+
+def test_interrupted_trial_resumes_at_the_next_epoch(target_and_data, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+
+    stop, written = stop_after_epoch_1(monkeypatch)
     target, data, metric = target_and_data
     tuning = load_tuning(overlay={**SEARCH, "train": {**SEARCH["train"], "patience": 5}})
     args = (target, data, tuning.defaults, tuning, tmp_path / "t", TrialSetup(metric, torch.device("cpu")))
@@ -181,17 +188,8 @@ def test_interrupted_trial_resumes_at_the_next_epoch(target_and_data, tmp_path: 
 def test_truncated_last_checkpoint_restarts_the_trial_instead_of_failing_it(target_and_data, tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch,
                                                                             caplog: pytest.LogCaptureFixture) -> None:
-    import threading
 
-    stop = threading.Event()
-    real_write = trainer_module.write_csv
-
-    def write_then_stop(path, rows):
-        real_write(path, rows)
-        if len(rows) == 2:
-            stop.set()  # the study is shut down after epoch 1, with last.pt written
-
-    monkeypatch.setattr(trainer_module, "write_csv", write_then_stop)
+    stop, _ = stop_after_epoch_1(monkeypatch)
     target, data, metric = target_and_data
     tuning = load_tuning(overlay={**SEARCH, "train": {**SEARCH["train"], "patience": 5}})
     args = (target, data, tuning.defaults, tuning, tmp_path / "t", TrialSetup(metric, torch.device("cpu")))
