@@ -7,12 +7,12 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from configs.settings import CommandSettings
+from configs.executor import JobCommandSettings
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
-class ExtractSettings(CommandSettings):
+class ExtractSettings(JobCommandSettings):
     data: str = Field(description="an image folder (root/<class>/* or root/{train,val,test}/<class>/*), a CSV "
                       "(path,label[,split|fold]), or 'demo' (scikit-learn's digits)")
     backbones: tuple[str, ...] = Field(("all",), min_length=1, description="set names from the backbones file (all, "

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from configs import config_file
 from configs.extract import Device
@@ -115,8 +115,19 @@ class Augment(Settings):
     color_jitter: float = Field(0.4, ge=0)
     auto_augment: str | None = None
     re_prob: float = Field(0.0, ge=0, le=1)
-    scale: tuple[float, float] = (0.08, 1.0)
+    scale: tuple[float, float] = Field((0.08, 1.0), description="random-resized-crop area range [low, high], "
+                                       "relative to the region the evaluation view shows")
     ratio: tuple[float, float] = (0.75, 4 / 3)
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _range(cls, value: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"needs 0 < low <= high, got [{low}, {high}]")
+        if info.field_name == "scale" and high > 1:
+            raise ValueError(f"is a fraction of the evaluation view's area: at most 1, got {high}")
+        return value
 
 
 class GradcamOptions(Settings):

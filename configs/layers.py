@@ -1,12 +1,15 @@
 """Settings from three layers: the model's typed defaults, then a ``--config`` file, then flags.
 
 A config file has one section per command; ``workdir`` may also stand at the top level, where it
-applies to every command::
+applies to every command, and so may ``executor:``, the Slurm parameters of every command that runs
+jobs (``configs/executor.py``; a command's own ``slurm:`` overrides its keys)::
 
     workdir: runs/digits
+    executor: {partition: cpu, time: 60}
     extract:
       data: demo
       backbones: [demo]
+      executor: slurm
     probe:
       metric: macro_f1
 
@@ -28,7 +31,7 @@ from runtime.files import atomic_write_text
 from runtime.locks import exclusive
 
 COMMANDS = ("extract", "probe", "profiling", "finetune")
-SHARED_TOP_LEVEL = ("workdir",)
+SHARED_TOP_LEVEL = ("workdir", "executor")
 
 S = TypeVar("S", bound=Settings)
 
@@ -37,8 +40,9 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def file_section(path: Path, section: str) -> dict[str, Any]:
-    """What ``path`` sets for ``section`` (with a top-level ``workdir``); unknown top-level keys are errors."""
+def file_section(path: Path, section: str, runs_jobs: bool = False) -> dict[str, Any]:
+    """What ``path`` sets for ``section`` (with a top-level ``workdir``, and for a command that ``runs_jobs`` the
+    top-level ``executor`` as its ``slurm``); unknown top-level keys are errors."""
     data = read_yaml(path, "config file")
     for key in data:
         if key not in COMMANDS and key not in SHARED_TOP_LEVEL:
@@ -47,14 +51,22 @@ def file_section(path: Path, section: str) -> dict[str, Any]:
     body = data.get(section) or {}
     if not isinstance(body, dict):
         raise ConfigError(f"{path}: section '{section}' must be a mapping of keys")
-    shared = {k: data[k] for k in SHARED_TOP_LEVEL if k in data}
+    shared = {"workdir": data["workdir"]} if "workdir" in data else {}
+    if "executor" in data and runs_jobs:
+        top = data["executor"] or {}
+        if not isinstance(top, dict):
+            raise ConfigError(f"{path}: the top-level 'executor' is a mapping of Slurm parameters (partition, time, "
+                              "...); choose where a command runs with its own 'executor: slurm'")
+        own = body.get("slurm") or {}
+        body = {**body, "slurm": {**top, **own} if isinstance(own, dict) else own}
     return {**shared, **body}
 
 
 def resolve(model: type[S], section: str, config_file: Path | None = None,
             flags: Mapping[str, Any] | None = None) -> S:
     """Defaults, then ``config_file``'s ``section``, then ``flags`` (only those given); errors name their source."""
-    from_file = file_section(Path(config_file), section) if config_file is not None else {}
+    from_file = (file_section(Path(config_file), section, runs_jobs="slurm" in model.model_fields)
+                 if config_file is not None else {})
     flags = dict(flags or {})
     try:
         return model.model_validate({**from_file, **flags})

@@ -7,13 +7,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from configs.executor import JobCommandSettings
 from configs.extract import Device
-from configs.settings import CommandSettings
 
 Provider = Literal["auto", "cpu", "cuda", "tensorrt"]
 
 
-class ProfilingSettings(CommandSettings):
+class ProfilingSettings(JobCommandSettings):
     backbones: tuple[str, ...] = Field((), description="set names, timm names or patterns, as for extract",
                                        json_schema_extra={"default_text": "the backbones `extract` cached in the "
                                                           "workdir"})

@@ -126,6 +126,9 @@ def _brief(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+_POSITIONAL_REPORTED: set[Path] = set()
+
+
 def load_into(model: nn.Module, path: Path, *, allow_partial: bool = False) -> dict[str, Any]:
     """Load the weights file at ``path`` into the timm ``model`` (built with ``num_classes=0``).
 
@@ -151,9 +154,12 @@ def load_into(model: nn.Module, path: Path, *, allow_partial: bool = False) -> d
     if matched < len([k for k in full if not _skip(k)]) // 2:
         mapped = positional_map(state, full)
         if mapped is not None:
-            log.warning("%s: its key names do not match %s, but its %d tensors match the model's one-to-one in "
-                        "order and shape (another port of the same architecture); loaded by position",
-                        path.name, type(model).__name__, len(mapped))
+            # stage two loads the same file several times (trial, test, export, Grad-CAM): say it once
+            level = logging.DEBUG if path in _POSITIONAL_REPORTED else logging.WARNING
+            _POSITIONAL_REPORTED.add(path)
+            log.log(level, "%s: its key names do not match %s, but its %d tensors match the model's one-to-one in "
+                    "order and shape (another port of the same architecture); loaded by position",
+                    path.name, type(model).__name__, len(mapped))
             state, report["positional"] = mapped, True
     own = model.state_dict()
     classifier = _classifier_keys(model, set(state) | set(full))

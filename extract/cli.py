@@ -12,8 +12,10 @@ from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from runtime.console import format_table, setup_logging
 from runtime.errors import as_user_error
+from runtime.jobs import JobsFailed
 
 log = logging.getLogger("extract")
+COLUMNS = ["backbone", "size", "images", "dim", "seconds", "images/s", "status", "weights", "file"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
         results = extract_features(settings, dataset)
         used = settings.model_copy(update={"workers": decode_workers(settings)})  # the record says what was used
+    except JobsFailed as exc:
+        print(format_table([r.as_row() for r in exc.results], COLUMNS))
+        for line in exc.lines:
+            log.error("%s", line)
+        log.error("%d of %d cache(s) failed; run the same command again to resume them", len(exc.lines),
+                  len(exc.results))
+        return 1
     except Exception as exc:
         if (problem := as_user_error(exc)) is None:
             raise  # a bug: keep its traceback
@@ -45,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("interrupted; run the same command again to resume")
         return 130
     write_resolved(settings.workdir, "extract", used)
-    columns = ["backbone", "size", "images", "dim", "seconds", "images/s", "status", "weights", "file"]
-    print(format_table([r.as_row() for r in results], columns))
+    print(format_table([r.as_row() for r in results], COLUMNS))
     print(f"\n{len(results)} cache(s) in {settings.workdir / 'features'}; "
           f"dataset summary in {settings.workdir / 'dataset.json'}")
     return 0

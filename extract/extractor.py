@@ -217,6 +217,18 @@ def check_existing(path: Path, key: dict[str, Any], annotation_fingerprint: str)
     return "reused" if old_ann == annotation_fingerprint else "relabel"
 
 
+def cache_key(spec: BackboneSpec, weights: Weights, data_cfg: dict[str, Any], size_kwargs: dict[str, Any],
+              dataset: Dataset, settings: ExtractSettings) -> dict[str, Any]:
+    """What a cache of ``spec`` at this size must have been made with to be reused."""
+    s = settings
+    return schema.make_key(
+        backbone=spec.name, model=spec.model, model_kwargs={**spec.kwargs, **size_kwargs}, weights=weights.tag,
+        data_config=data_cfg, dataset=dataset.content_fingerprint,
+        annotations=dataset.annotation_fingerprint if s.views else None,
+        views=s.views, view_seed=s.seed if s.views else None, store_maps=s.store_maps, dtype=s.dtype,
+    )
+
+
 def extract_one(
     spec: BackboneSpec,
     model_factory: Callable[[], tuple[nn.Module, list[str]]],
@@ -235,12 +247,7 @@ def extract_one(
     views, seed, dtype, store_maps, batch_size = s.views, s.seed, s.dtype, s.store_maps, s.batch_size
     workers = decode_workers(s)
     path = schema.cache_path(s.workdir, spec.name, size)
-    key = schema.make_key(
-        backbone=spec.name, model=spec.model, model_kwargs={**spec.kwargs, **size_kwargs}, weights=weights.tag,
-        data_config=data_cfg, dataset=dataset.content_fingerprint,
-        annotations=dataset.annotation_fingerprint if views else None,
-        views=views, view_seed=seed if views else None, store_maps=store_maps, dtype=dtype,
-    )
+    key = cache_key(spec, weights, data_cfg, size_kwargs, dataset, s)
     plan = RowPlan.build(dataset, views)
     rows = plan.rows(dataset)
     if s.force:

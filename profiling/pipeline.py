@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -115,6 +116,32 @@ class Bench:
     peak_gflops: float
 
 
+def measure_here(targets: list[ProfileTarget], settings: ProfilingSettings
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Profile ``targets`` in this process: (records, failures, this machine's description)."""
+    s = settings
+    dev = pick_device(s.device)
+    providers = choose_providers(s.provider)
+    peak = peak_matmul_gflops(dev, providers=providers, threads=s.threads)
+    bench = Bench(check_images(s.workdir, s.data), providers, dev, peak)
+    log.info("Profiling %d backbone(s) with %s, batch sizes %s; matmul peak %.0f GFLOPS", len(targets), providers[0],
+             list(s.batch_sizes), peak)
+    machine = machine_info(dev, peak)
+    records, failures = [], []
+    for target in tqdm(targets, desc="profiling", unit="model", disable=not s.progress, dynamic_ncols=True):
+        t0 = time.perf_counter()
+        try:
+            # each record says where it was measured (jobs may run on several nodes)
+            records += [{**r, "node": machine["node"], "hardware": machine["hardware"]}
+                        for r in profile_target(target, s, bench)]
+            log.info("%s profiled in %.1fs", target.name, time.perf_counter() - t0)
+        except Exception as exc:  # one backbone's failure must not stop the others
+            log.error("%s: %s: %s", target.name, type(exc).__name__, exc)
+            failures.append({"backbone": target.spec.name, "image_size": target.image_size,
+                             "error": f"{type(exc).__name__}: {exc}"})
+    return records, failures, machine
+
+
 def profile_target(target: ProfileTarget, settings: ProfilingSettings, bench: Bench) -> list[dict[str, Any]]:
     """Every record for one backbone: one per batch size (ONNX Runtime and PyTorch eager side by side)."""
     out, head_dir = settings.workdir / "profiling", settings.workdir / "probe" / "heads"
@@ -180,7 +207,11 @@ def profile_target(target: ProfileTarget, settings: ProfilingSettings, bench: Be
 
 
 def machine_info(device: torch.device, peak_gflops: float) -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    cuda = torch.cuda.get_device_name(0) if device.type == "cuda" else None
+    processor = platform.processor() or platform.machine()
+    return {"node": socket.gethostname(), "hardware": cuda or f"{processor}, {os.cpu_count()} cores",
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "platform": platform.platform(), "processor": processor,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": str(device), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "peak_matmul_gflops": peak_gflops,
@@ -211,23 +242,16 @@ def run_profiling(settings: ProfilingSettings) -> dict[str, Any]:
         if not targets:
             raise CacheError(f"no complete feature caches in {workdir / 'features'}; run `python -m extract` first, "
                              "or name backbones with --backbones")
-    dev = pick_device(s.device)
-    providers = choose_providers(s.provider)
-    peak = peak_matmul_gflops(dev, providers=providers, threads=s.threads)
-    bench = Bench(check_images(workdir, s.data), providers, dev, peak)
-    log.info("Profiling %d backbone(s) with %s, batch sizes %s; matmul peak %.0f GFLOPS", len(targets), providers[0],
-             list(batch_sizes), peak)
-    records, failures = [], []
-    for target in tqdm(targets, desc="profiling", unit="model", disable=not s.progress, dynamic_ncols=True):
-        t0 = time.perf_counter()
-        try:
-            records += profile_target(target, s, bench)
-            log.info("%s profiled in %.1fs", target.name, time.perf_counter() - t0)
-        except Exception as exc:  # one backbone's failure must not stop the others
-            log.error("%s: %s: %s", target.name, type(exc).__name__, exc)
-            failures.append({"backbone": target.spec.name, "image_size": target.image_size,
-                             "error": f"{type(exc).__name__}: {exc}"})
-    report = {"machine": machine_info(dev, peak), "records": records, "failures": failures}
+    if s.executor != "local":
+        from profiling.jobs import profile_with_jobs
+
+        records, failures, machines = profile_with_jobs(targets, s)
+    else:
+        records, failures, machine = measure_here(targets, s)
+        machines = {machine["node"]: machine}
+    # "machine": where the (first) records were measured; "machines": every node that measured some
+    first = records[0]["node"] if records else next(iter(machines), None)
+    report = {"machine": machines.get(first, {}), "machines": machines, "records": records, "failures": failures}
     atomic_write_text(out / "performance.json", json.dumps(report, indent=2, default=str))
     if records:
         write_csv(out / "performance.csv", records)
@@ -251,5 +275,6 @@ def run_profiling(settings: ProfilingSettings) -> dict[str, Any]:
         "p95 ms": r["p95_ms"], "p99 ms": r["p99_ms"], "cv": r["cv"], "img/s": r["throughput"],
         "torch p50 ms": r["torch_p50_ms"], "GFLOPs": r["gflops"], "params M": r["params"] / 1e6, "ONNX MB": r["onnx_mb"],
         "max rel err": f"{r['max_rel_error']:.1e}", "noisy": "yes" if r["noisy"] else "",
+        **({"node": r["node"], "hardware": r["hardware"]} if s.executor != "local" else {}),
     } for r in records])
     return {"records": records, "failures": failures, "table": table, "pareto": pareto_path, "folder": out}

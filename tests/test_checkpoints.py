@@ -59,6 +59,10 @@ def test_another_port_with_other_names_loads_by_position(trained, tmp_path: Path
     with caplog.at_level(logging.WARNING):
         assert _same(_loaded(tmp_path / "port.pth"), trained)
     assert "loaded by position" in caplog.text
+    caplog.clear()  # stage two loads the same file several times: one warning is enough
+    with caplog.at_level(logging.WARNING):
+        assert _same(_loaded(tmp_path / "port.pth"), trained)
+    assert "loaded by position" not in caplog.text
 
 
 def test_partial_file_is_refused_with_the_missing_keys_unless_allowed(trained, tmp_path: Path) -> None:

@@ -13,16 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import finetune.trainer as trainer_module
 from cache import open_cache
 from configs.extract import ExtractSettings
-from configs.finetune import load_tuning
+from configs.finetune import Augment, load_tuning
 from configs.probe import ProbeSettings
 from extract.pipeline import extract_features
 from finetune.cli import main as finetune_main
-from finetune.data import eval_transform, load_data
+from finetune.data import EvalRegion, eval_transform, load_data, train_transform
 from finetune.model import build_classifier, load_checkpoint
 from finetune.pipeline import select_targets
 from finetune.trainer import StudyStopped, TrialSetup, run_trial
@@ -386,3 +387,45 @@ def test_second_finetune_on_a_running_study_is_refused(workdir: Path, tmp_path: 
         assert finetune_main(["--workdir", str(work), "--budget", "1", "--no-progress", "--no-latency"]) == 2
     assert f"study-test_resnet.r160_in1k@48 in {work} is in use by pid {os.getpid()}" in caplog.text
     assert not (work / "finetune" / "test_resnet.r160_in1k@48" / "trials.jsonl").exists()
+
+
+FRAMED_CFG = {"crop_mode": "center", "crop_pct": 0.875, "input_size": [3, 48, 48], "interpolation": "bicubic",
+              "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+def _framed_image(frame: int) -> Image.Image:
+    """Grey noise inside a red frame of ``frame`` pixels: the frame lies outside timm's evaluation crop."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(60, 140, (100, 100, 3)).astype(np.uint8)
+    pixels[:frame], pixels[-frame:], pixels[:, :frame], pixels[:, -frame:] = 255, 255, 255, 255
+    pixels[:frame, :, 1:] = pixels[-frame:, :, 1:] = pixels[:, :frame, 1:] = pixels[:, -frame:, 1:] = 0
+    return Image.fromarray(pixels)
+
+
+def _red_pixels(view: torch.Tensor) -> int:
+    rgb = view * 0.5 + 0.5  # undo mean = std = 0.5
+    return int(((rgb[0] > 0.9) & (rgb[1] < 0.3)).sum())
+
+
+def test_training_crops_never_show_what_the_evaluation_view_leaves_out() -> None:
+    # The cache saw the centre crop (floor(48 / 0.875) = 54 px for 100 -> 89 px kept, 5 px cut each side); a
+    # training crop from the whole image would show the frame the stage-one head never saw (issue #14).
+    image = _framed_image(5)
+    assert _red_pixels(eval_transform(FRAMED_CFG)(image)) == 0
+    assert EvalRegion(FRAMED_CFG)(image).size == (89, 89)
+    augment = Augment(hflip=0.5, vflip=0.5, color_jitter=0.0, scale=(0.08, 1.0))
+    transform = train_transform(FRAMED_CFG, augment)
+    torch.manual_seed(0)
+    assert sum(_red_pixels(transform(image)) for _ in range(300)) == 0
+    # timm's own training crop (from the whole image) does show it: the check above can fail.
+    whole = torchvision.transforms.Compose(transform.transforms[1:])
+    assert sum(_red_pixels(whole(image)) for _ in range(300)) > 0
+
+
+def test_a_training_crop_of_the_whole_region_is_the_evaluation_view() -> None:
+    image = _framed_image(5)
+    still = Augment(hflip=0.0, color_jitter=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    train_view, eval_view = train_transform(FRAMED_CFG, still)(image), eval_transform(FRAMED_CFG)(image)
+    assert train_view.shape == eval_view.shape == (3, 48, 48)
+    # Crop-then-resize against resize-then-crop: the same pixels up to interpolation at the edges.
+    assert (train_view - eval_view).abs().mean() < 0.06

@@ -122,7 +122,13 @@ def test_profiling_end_to_end_with_a_failure(tmp_path: Path, caplog: pytest.LogC
     assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
     assert r["gflops"] > 0 and r["gmacs"] == pytest.approx(r["gflops"] / 2) and r["max_rel_error"] < 1e-3
     assert r["provider"] == "CPUExecutionProvider" and r["torch_p50_ms"] > 0 and r["onnx_mb"] > 0
-    assert not r["below_floor"]
+    # The roofline floor is FLOPs over the machine's measured matmul peak. Whether p50 lands above it depends on
+    # the load during calibration and timing (a busy machine calibrates low), so check the arithmetic exactly and
+    # the magnitudes loosely: a FLOP count off by an order of magnitude would still fail.
+    peak = json.loads((tmp_path / "profiling" / "performance.json").read_text())["machine"]["peak_matmul_gflops"]
+    assert r["roofline_floor_ms"] == pytest.approx(r["gflops"] * r["batch_size"] / peak * 1e3)
+    assert r["below_floor"] == (r["p50_ms"] < r["roofline_floor_ms"])
+    assert r["floor_fraction"] < 3
     report = json.loads((tmp_path / "profiling" / "performance.json").read_text())
     assert report["failures"][0]["error"].startswith("ExportError") and report["machine"]["peak_matmul_gflops"] > 0
     assert (tmp_path / "profiling" / "performance.csv").is_file() and (tmp_path / "profiling" / "pareto.png").is_file()

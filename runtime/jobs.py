@@ -1,0 +1,265 @@
+"""Units of work as jobs — Slurm through submitit, or local processes one per GPU — watched from here.
+
+The coordinating process submits at most ``max_jobs`` at a time, shows queued / running / done / failed
+(a bar on a terminal, a line per change in a log file), and returns one :class:`JobOutcome` per unit
+with its result, or its error line and log path. Job states come from ``squeue`` (it also sees jobs
+Slurm killed, for ``MinJobAge`` after they ended) and submitit's result files, so no accounting
+database (``sacct``) is needed. Logs go to ``WORKDIR/jobs/<job id>_0_log.{out,err}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from runtime.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# squeue states of a job that is over; anything else is queued or running
+_FINAL = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
+          "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+_QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED"}
+
+
+class JobOptions(Protocol):
+    """What the job machinery reads of a command's settings (``configs.executor.JobCommandSettings``)."""
+
+    workdir: Path
+    executor: str  # slurm | gpus
+    max_jobs: int
+    gpus: tuple[int, ...]
+    slurm: Any  # configs.executor.SlurmOptions
+
+
+class JobSystemError(UserError):
+    """The job system is missing or refused a submission."""
+
+
+class JobsFailed(Exception):
+    """Some jobs failed. ``results``: every unit's row, the failed ones saying so (for the usual table);
+    ``lines``: one line per failed job with its error and log path."""
+
+    def __init__(self, what: str, results: list[Any], lines: list[str]) -> None:
+        super().__init__(f"{len(lines)} {what} job(s) failed:\n" + "\n".join(lines))
+        self.results, self.lines = results, lines
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: ``fn(*args)`` in a job named ``name`` (what the tables show)."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass
+class JobOutcome:
+    name: str
+    job_id: str | None
+    state: str  # COMPLETED, FAILED, TIMEOUT, CANCELLED, LOST, ...
+    result: Any = None
+    error: str | None = None
+    log: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "COMPLETED" and self.error is None
+
+
+def job_folder(workdir: Path) -> Path:
+    return Path(workdir) / "jobs"
+
+
+def _visible_gpus(settings: JobOptions) -> tuple[int, ...]:
+    if settings.gpus:
+        return settings.gpus
+    import torch
+
+    return tuple(range(torch.cuda.device_count()))
+
+
+def make_executor(settings: JobOptions) -> Any:
+    """submitit's Slurm executor with the settings' parameters, or its local one (``executor: gpus``)."""
+    import submitit
+
+    folder = job_folder(settings.workdir) / "%j"
+    if settings.executor == "slurm":
+        if shutil.which("sbatch") is None:
+            raise JobSystemError("--executor slurm: no `sbatch` on this machine's PATH. Run the command on a Slurm "
+                                 "login node, or use --executor local")
+        o = settings.slurm
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+        params: dict[str, Any] = {"time": o.time, "cpus_per_task": o.cpus_per_task, "ntasks_per_node": 1,
+                                  "nodes": 1, "additional_parameters": o.additional_parameters(),
+                                  "setup": list(o.setup), "stderr_to_stdout": False}
+        optional = {"partition": o.partition, "gpus_per_task": o.gpus_per_task or None,
+                    "mem": f"{o.mem_gb:g}GB" if o.mem_gb else None, "account": o.account, "qos": o.qos}
+        executor.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
+        return executor
+    if settings.executor == "gpus":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=settings.slurm.time)
+        return executor
+    raise ValueError(f"no job executor for '{settings.executor}'")
+
+
+def _squeue(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """job id -> (state, node list) for the jobs squeue still knows."""
+    if not job_ids:
+        return {}
+    cmd = ["squeue", "-h", "--states=all", "-o", "%i|%T|%N", "-j", ",".join(job_ids)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.debug("squeue failed: %s", exc)
+        return {}
+    states = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1], parts[2])
+    return states
+
+
+def error_line(text: str) -> str:
+    """The last line of a traceback that says what went wrong (``SomeError: message``)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if ("Error" in line or "Exception" in line) and ":" in line and not line.startswith("File "):
+            name, _, message = line.partition(":")
+            return f"{name.rsplit('.', 1)[-1]}:{message}" if " " not in name else line
+    return lines[-1] if lines else "failed without a message"
+
+
+class _Watch:
+    """What the coordinator shows: a bar with counts on a terminal, a line per change in a log file."""
+
+    def __init__(self, total: int, what: str, progress: bool) -> None:
+        self.bar = tqdm(total=total, desc=what, unit="job", dynamic_ncols=True,
+                        disable=not progress or not sys.stderr.isatty())
+        self.last = ""
+
+    def show(self, queued: int, running: int, done: int, failed: int, waiting: int) -> None:
+        text = f"queued {queued}, running {running}, done {done}, failed {failed}" + (
+            f", not submitted yet {waiting}" if waiting else "")
+        self.bar.n = done + failed
+        self.bar.set_postfix_str(text, refresh=True)
+        if text != self.last and self.bar.disable:
+            log.info("jobs: %s", text)
+        self.last = text
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_jobs(jobs: Sequence[Job], settings: JobOptions, what: str, *, progress: bool = True,
+             poll_seconds: float = 2.0) -> list[JobOutcome]:
+    """Submit ``jobs`` (at most ``settings.max_jobs`` in flight), wait for all of them, return their outcomes in
+    the order given. A job that failed, was killed or vanished is an outcome with its error, not an exception."""
+    executor = make_executor(settings)
+    gpus = _visible_gpus(settings) if settings.executor == "gpus" else ()
+    if settings.executor == "gpus" and not gpus:
+        raise JobSystemError("--executor gpus: no GPU is visible here (torch.cuda.device_count() is 0); use "
+                             "--executor local, or name them with --gpus")
+    cap = len(gpus) if gpus else (settings.max_jobs or len(jobs))
+    if gpus and settings.max_jobs:
+        cap = min(cap, settings.max_jobs)
+    waiting = list(enumerate(jobs))
+    running: dict[int, tuple[Any, int | None]] = {}  # index -> (submitit job, GPU index)
+    outcomes: dict[int, JobOutcome] = {}
+    unseen: dict[str, int] = {}  # polls in which squeue did not list a job (a failed squeue is not a lost job)
+    watch = _Watch(len(jobs), what, progress)
+    try:
+        while waiting or running:
+            while waiting and len(running) < cap:
+                i, job = waiting.pop(0)
+                gpu = None
+                if gpus:
+                    busy = {g for _, g in running.values()}
+                    gpu = next(g for g in gpus if g not in busy)
+                    executor.update_parameters(visible_gpus=(gpu,), gpus_per_node=1)
+                if settings.executor == "slurm":
+                    executor.update_parameters(job_name=f"bb-{job.name}"[:64])
+                try:
+                    submitted = executor.submit(job.fn, *job.args)
+                except Exception as exc:  # sbatch refused: a bad partition, account or time limit
+                    raise JobSystemError(f"submitting {job.name} failed: {error_line(str(exc))}") from exc
+                log.info("%s: submitted as job %s%s; log %s", job.name, submitted.job_id,
+                         f" on GPU {gpu}" if gpu is not None else "", submitted.paths.stderr)
+                running[i] = (submitted, gpu)
+            slurm = settings.executor == "slurm"
+            states = _squeue([j.job_id for j, _ in running.values()]) if slurm else {}
+            queued = 0
+            for i, (submitted, _) in list(running.items()):
+                if slurm and submitted.job_id not in states:
+                    unseen[submitted.job_id] = unseen.get(submitted.job_id, 0) + 1
+                outcome = _finished(jobs[i].name, submitted, states if slurm else None,
+                                    lost=unseen.get(submitted.job_id, 0) >= 3)
+                if outcome is not None:
+                    outcomes[i] = outcome
+                    del running[i]
+                    level = logging.INFO if outcome.ok else logging.ERROR
+                    log.log(level, "%s: job %s %s%s", outcome.name, outcome.job_id, outcome.state.lower(),
+                            f": {outcome.error} (log: {outcome.log})" if outcome.error else "")
+                elif states.get(submitted.job_id, ("",))[0] in _QUEUED:
+                    queued += 1
+            failed = sum(not o.ok for o in outcomes.values())
+            watch.show(queued, len(running) - queued, len(outcomes) - failed, failed, len(waiting))
+            if running:
+                time.sleep(poll_seconds)
+    except KeyboardInterrupt:
+        ids = [j.job_id for j, _ in running.values()]
+        log.error("interrupted: %d job(s) keep running (%s); running the same command again waits for their "
+                  "results instead of submitting them again", len(ids), ", ".join(ids))
+        raise
+    finally:
+        watch.close()
+    return [outcomes[i] for i in range(len(jobs))]
+
+
+def _finished(name: str, job: Any, states: dict[str, tuple[str, str]] | None, lost: bool = False
+              ) -> JobOutcome | None:
+    """The outcome of ``job`` if it is over, else ``None``. ``states``: squeue's view (Slurm) or ``None`` (local
+    processes); ``lost``: squeue has not listed the job for several polls."""
+    if job.paths.result_pickle.exists():
+        try:
+            result = job.result()
+        except Exception as exc:  # the function raised in the job: submitit re-raises with its traceback
+            return JobOutcome(name, job.job_id, "FAILED", error=error_line(str(exc)), log=job.paths.stderr)
+        return JobOutcome(name, job.job_id, "COMPLETED", result=result, log=job.paths.stderr)
+    if states is not None:  # Slurm
+        state, _ = states.get(job.job_id, ("", ""))
+        if state in _FINAL or (not state and lost):
+            # over without a result: killed (time limit, scancel, preemption, out of memory) or gone from squeue
+            tail = _log_tail(job.paths.stderr)
+            return JobOutcome(name, job.job_id, (state or "LOST").split()[0],
+                              error=f"ended {state or 'without a trace in squeue'} before writing a result"
+                              + (f"; log ends: {tail}" if tail else ""), log=job.paths.stderr)
+        return None
+    if not job.done():  # the local executor: the process is still there
+        return None
+    if job.paths.result_pickle.exists():
+        return _finished(name, job, states)
+    return JobOutcome(name, job.job_id, "FAILED", error="the job's process ended without a result"
+                      + (f"; log ends: {tail}" if (tail := _log_tail(job.paths.stderr)) else ""),
+                      log=job.paths.stderr)
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip()[:300] if lines else ""
+

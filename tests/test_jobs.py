@@ -1,0 +1,236 @@
+"""Work as jobs (issue #11): settings, the sbatch script, and a real single-node Slurm (tests/slurm/start.sh)."""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime.jobs as jobs_module
+from cache import open_cache
+from configs.executor import SlurmOptions
+from configs.extract import ExtractSettings
+from configs.layers import resolve
+from configs.profiling import ProfilingSettings
+from configs.settings import ConfigError
+from extract.pipeline import extract_features
+from runtime.jobs import Job, JobsFailed, JobSystemError, make_executor, run_jobs
+from runtime.locks import exclusive
+
+
+def _slurm_problem() -> str | None:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no Slurm on this machine (sinfo/sbatch not on PATH); start one with `sudo tests/slurm/start.sh`"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed: {exc}"
+    if not any(s.strip().rstrip("*") in ("idle", "mixed", "allocated") for s in states.splitlines()):
+        return f"Slurm is installed but no node accepts jobs (sinfo: {states.strip() or 'nothing'}); run tests/slurm/start.sh"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    problem = _slurm_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI starts Slurm before the tests (.ci/run runs tests/slurm/start.sh): {problem}")
+        pytest.skip(problem)
+
+
+def _options(tmp_path: Path, **slurm) -> ExtractSettings:
+    return ExtractSettings(data="demo", workdir=tmp_path / "run", executor="slurm",
+                           slurm=SlurmOptions(time=5, cpus_per_task=1, **slurm))
+
+
+# --- settings and the sbatch script (no Slurm needed) -------------------------------------------------------------
+
+def test_top_level_executor_section_is_every_command_s_slurm_and_a_command_overrides_keys(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("workdir: runs/x\nexecutor: {partition: cpu, time: 30, sbatch: ['--constraint=avx512']}\n"
+                      "extract: {data: demo, executor: slurm, max_jobs: 4}\n"
+                      "profiling: {executor: slurm, slurm: {partition: a100, gpus_per_task: 1}}\n"
+                      "probe: {metric: accuracy}\n")
+    extract = resolve(ExtractSettings, "extract", config, {})
+    assert (extract.executor, extract.max_jobs, extract.slurm.partition, extract.slurm.time) == ("slurm", 4, "cpu", 30)
+    profiling = resolve(ProfilingSettings, "profiling", config, {})
+    assert (profiling.slurm.partition, profiling.slurm.gpus_per_task, profiling.slurm.time) == ("a100", 1, 30)
+    assert profiling.slurm.sbatch == ("--constraint=avx512",)
+    from configs.probe import ProbeSettings
+
+    assert resolve(ProbeSettings, "probe", config, {}).metric == "accuracy"  # probe runs in one process: no slurm
+    assert resolve(ExtractSettings, "extract", config, {"executor": "local"}).executor == "local"  # a flag wins
+
+
+@pytest.mark.parametrize("text, key", [
+    ("executor: slurm\nextract: {data: demo}\n", "top-level 'executor' is a mapping"),
+    ("executor: {partition: cpu, tme: 30}\nextract: {data: demo}\n", "slurm.tme"),
+    ("executor: {sbatch: ['constraint=a100']}\nextract: {data: demo}\n", "slurm.sbatch"),
+    ("extract: {data: demo, executor: pbs}\n", "extract.executor"),
+    ("extract: {data: demo, max_jobs: -1}\n", "extract.max_jobs"),
+])
+def test_bad_executor_settings_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace(".", r"\.")):
+        resolve(ExtractSettings, "extract", config, {})
+
+
+def test_sbatch_script_carries_every_slurm_parameter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs_module.shutil, "which", lambda name: f"/usr/bin/{name}")
+    settings = _options(tmp_path, partition="gpu", account="lab", qos="high", gpus_per_task=2, mem_gb=16,
+                        sbatch=("--constraint=a100", "--exclusive"), setup=("module load cuda/12.4",))
+    script = make_executor(settings)._make_submission_file_text("python -c pass", "uid")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=5", "#SBATCH --cpus-per-task=1", "#SBATCH --account=lab",
+                 "#SBATCH --qos=high", "#SBATCH --gpus-per-task=2", "#SBATCH --mem=16GB",
+                 "#SBATCH --constraint=a100", "#SBATCH --exclusive", "module load cuda/12.4"):
+        assert line in script, (line, script)
+    assert str(tmp_path / "run" / "jobs") in script  # submitit's logs under WORKDIR/jobs/
+
+
+def test_slurm_executor_without_sbatch_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs_module.shutil, "which", lambda name: None)
+    with pytest.raises(JobSystemError, match="no `sbatch`.*--executor local"):
+        make_executor(_options(tmp_path))
+
+
+def test_a_cache_another_process_is_building_is_not_submitted_again(image_folder: Path, extract_kwargs: dict,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    work = extract_kwargs["workdir"]
+    local = ExtractSettings(data=str(image_folder), **extract_kwargs)
+    extract_features(local)  # complete: reused without a job
+    settings = local.model_copy(update={"executor": "slurm", "backbones": ("test_resnet.r160_in1k",
+                                                                          "test_efficientnet.r160_in1k")})
+    submitted: list = []
+    monkeypatch.setattr("extract.jobs.run_jobs", lambda jobs, *a, **k: submitted.extend(jobs) or [])
+    holding, release = threading.Event(), threading.Event()
+
+    def other_process() -> None:  # holds the second cache's lock, as a live job building it would
+        with exclusive(work, "cache-test_efficientnet.r160_in1k@64.h5"):
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    holding.wait(10)
+    threading.Timer(1.0, release.set).start()
+    with pytest.raises(JobsFailed) as failed:  # it let go without finishing the cache: said, not hidden
+        extract_features(settings)
+    thread.join()
+    assert submitted == []
+    statuses = {r.backbone: r.status for r in failed.value.results}
+    assert statuses == {"test_resnet.r160_in1k": "reused", "test_efficientnet.r160_in1k": "failed elsewhere"}
+
+
+def test_gpus_executor_runs_one_local_job_per_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: the plumbing is what is checked — each job sees only its own GPU index, one job per GPU at a time.
+    in_flight: list[int] = []
+    real_show = jobs_module._Watch.show
+    monkeypatch.setattr(jobs_module._Watch, "show", lambda self, q, r, d, f, w: in_flight.append(q + r)
+                        or real_show(self, q, r, d, f, w))
+    settings = ExtractSettings(data="demo", workdir=tmp_path / "run", executor="gpus", gpus=(0, 1))
+    outcomes = run_jobs([Job(f"job{i}", os.getenv, ("CUDA_VISIBLE_DEVICES",)) for i in range(3)], settings,
+                        "test jobs", poll_seconds=0.2)
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert {o.result for o in outcomes} == {"0", "1"}
+    assert max(in_flight) <= 2
+
+
+def test_gpus_executor_without_gpus_says_what_to_do(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(JobSystemError, match="no GPU is visible.*--gpus"):
+        run_jobs([Job("x", os.getenv, ("HOME",))], ExtractSettings(data="demo", workdir=tmp_path, executor="gpus"),
+                 "test jobs")
+
+
+# --- a real Slurm ---------------------------------------------------------------------------------------------------
+
+def test_jobs_return_results_and_error_lines_with_at_most_max_jobs_in_flight(slurm, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    in_flight: list[int] = []
+    real_show = jobs_module._Watch.show
+
+    def show(self, queued, running, done, failed, waiting):
+        in_flight.append(queued + running)
+        real_show(self, queued, running, done, failed, waiting)
+
+    monkeypatch.setattr(jobs_module._Watch, "show", show)
+    settings = _options(tmp_path).model_copy(update={"max_jobs": 1})
+    outcomes = run_jobs([Job("five", math.factorial, (5,)), Job("zero", operator.truediv, (1, 0)),
+                         Job("six", math.factorial, (6,))], settings, "test jobs", poll_seconds=0.5)
+    assert [o.name for o in outcomes] == ["five", "zero", "six"]
+    assert (outcomes[0].ok, outcomes[0].result, outcomes[2].result) == (True, 120, 720)
+    assert not outcomes[1].ok and outcomes[1].error == "ZeroDivisionError: division by zero"
+    assert outcomes[1].log.is_file() and "ZeroDivisionError" in outcomes[1].log.read_text()
+    assert outcomes[1].log.is_relative_to(tmp_path / "run" / "jobs")
+    assert in_flight and max(in_flight) == 1
+    assert len({o.job_id for o in outcomes}) == 3
+
+
+def test_a_job_slurm_kills_is_a_failed_outcome_with_its_log(slurm, tmp_path: Path) -> None:
+    settings = _options(tmp_path)
+
+    def cancel_when_running() -> None:
+        for _ in range(60):
+            out = subprocess.run(["squeue", "-h", "-n", "bb-sleeper", "-t", "RUNNING", "-o", "%i"],
+                                 capture_output=True, text=True).stdout.split()
+            if out:
+                time.sleep(1)
+                subprocess.run(["scancel", *out], check=True)
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=cancel_when_running, daemon=True).start()
+    t0 = time.monotonic()
+    (outcome,) = run_jobs([Job("sleeper", time.sleep, (300,))], settings, "test jobs", poll_seconds=0.5)
+    assert time.monotonic() - t0 < 120
+    assert outcome.state == "CANCELLED" and not outcome.ok
+    assert "CANCELLED before writing a result" in outcome.error and outcome.log is not None
+
+
+@pytest.mark.slow
+def test_extract_and_profiling_as_slurm_jobs_match_local_runs_and_a_rerun_submits_nothing(
+        slurm, image_folder: Path, extract_kwargs: dict, tmp_path: Path) -> None:
+    from extract.cli import main as extract_main
+    from profiling.cli import main as profiling_main
+
+    names = "test_resnet.r160_in1k,test_efficientnet.r160_in1k"
+    local = ExtractSettings(data=str(image_folder), **{**extract_kwargs, "backbones": names.split(","),
+                                                       "workdir": tmp_path / "local"})
+    extract_features(local)
+    work = tmp_path / "cluster"
+    args = ["--data", str(image_folder), "--backbones", names, "--no-pretrained", "--image-size", "64",
+            "--workdir", str(work), "--device", "cpu", "--workers", "0", "--no-progress", "--executor", "slurm",
+            "--max-jobs", "2"]
+    assert extract_main(args) == 0
+    for name in names.split(","):
+        with open_cache(local.workdir / "features" / f"{name}@64.h5") as a, \
+                open_cache(work / "features" / f"{name}@64.h5") as b:
+            assert np.array_equal(a.load().features, b.load().features)
+    job_dirs = sorted((work / "jobs").iterdir())
+    assert len([d for d in job_dirs if d.is_dir()]) == 2
+    assert extract_main(args) == 0  # complete caches: nothing submitted
+    assert sorted((work / "jobs").iterdir()) == job_dirs
+
+    assert profiling_main(["--workdir", str(work), "--executor", "slurm", "--batch-sizes", "1", "--min-runs", "5",
+                           "--min-seconds", "0", "--warmup", "1", "--no-progress"]) == 0
+    import json
+
+    report = json.loads((work / "profiling" / "performance.json").read_text())
+    assert {r["backbone"] for r in report["records"]} == set(names.split(","))
+    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    for record in report["records"]:
+        assert record["node"] == host and record["hardware"] and record["slurm_job"]
+    assert report["machines"][host]["slurm_job"] is not None  # measured inside a job
