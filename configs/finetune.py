@@ -78,7 +78,8 @@ class TrainOptions(Settings):
     epochs: int = Field(10, ge=1)
     warmup_epochs: float = Field(1.0, ge=0)  # per unfreezing stage (at most half of it)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    patience: int = Field(3, ge=1)
+    patience: int = Field(3, ge=1, description="epochs without a better validation metric before stopping, "
+                          "counted in the last (whole-model) stage")
     clip_grad: float = Field(1.0, ge=0)
     accum_steps: int = Field(1, ge=1)
     class_weighted: bool = False
@@ -99,7 +100,7 @@ class TrialParams(Settings):
     layer_decay: float = Field(0.75, gt=0, le=1)
     drop_rate: float = Field(0.0, ge=0, lt=1)
     drop_path_rate: float = Field(0.05, ge=0, lt=1)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     frozen_epochs: int = Field(2, ge=0)
     last_block_epochs: int = Field(2, ge=0)
     final_lr_scale: float = Field(0.1, gt=0)

@@ -299,7 +299,9 @@ class _Trial:
                 self.best_val = {self.metric: value, "accuracy": accuracy, "loss": val_loss}
                 save_checkpoint(self.folder / "best_model.pt", self.model, self.head_config, record=self.target.record,
                                 info=self._checkpoint_info(epoch))
-            else:
+            elif epoch >= self.unfreezer.schedule[-1].epoch:
+                # Patience counts in the last stage only: each unfreezing stage starts with a warm-up on new
+                # weights and may dip before it climbs (ELPV, Lite0: val QWK 0.69 -> 0.55 -> 0.65 -> ... -> 0.70).
                 self.bad_epochs += 1
             write_csv(self.folder / "metrics.csv", self.history)
             self._save_last(epoch)

@@ -429,3 +429,18 @@ def test_a_training_crop_of_the_whole_region_is_the_evaluation_view() -> None:
     assert train_view.shape == eval_view.shape == (3, 48, 48)
     # Crop-then-resize against resize-then-crop: the same pixels up to interpolation at the edges.
     assert (train_view - eval_view).abs().mean() < 0.06
+
+
+def test_patience_counts_only_in_the_last_stage(target_and_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every epoch after the first scores worse. Early stopping must not end the trial inside the last-block stage
+    # (a stage's warm-up dips first); it counts from the whole-model stage on.
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2, 0.1])
+    real = trainer_module.fast_metric
+    monkeypatch.setattr(trainer_module, "fast_metric",
+                        lambda metric, y, p: real(metric, y, p) if metric == "accuracy" else next(scores))
+    outcome = trial(target_and_data, tmp_path / "t", train={**SEARCH["train"], "epochs": 6, "patience": 1},
+                    defaults={**SEARCH["defaults"], "frozen_epochs": 1, "last_block_epochs": 2}, space={})
+    assert outcome.status == "ok" and outcome.best_epoch == 0
+    rows = _history(tmp_path / "t")
+    # epoch 0 head only, 1-2 last block (not counted), 3 whole model: one bad epoch there = patience 1
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]

@@ -81,7 +81,9 @@ def test_real_weights_end_to_end_no_image_epoch_collapses(real_run: Path) -> Non
         # Before the fix: train loss 124, val loss 3.4 -> 6.6 -> 30 -> 67, val accuracy 0.44 -> 0.19.
         assert float(row["val_loss"]) < 1.5 * float(cache["val_loss"]), rows
         assert float(row["val_accuracy"]) >= float(cache["val_accuracy"]) - 14 / n_val, rows  # ~3 standard errors
-        assert float(row["train_loss"]) < 20 * float(cache["train_loss"]), rows
+        # Of the order of the loss on images the head did not memorise (the cache epoch's training loss is near 0
+        # on 168 images without label smoothing, so it is no yardstick); the collapse was 124.
+        assert float(row["train_loss"]) < 1.5 * float(cache["val_loss"]), rows
     summary = json.loads((real_run / "finetune" / "summary.json").read_text())
     (result,) = summary["results"] if "results" in summary else summary
     assert result["best"]["val"] >= result["probe"]["val"] - 1e-9, result
