@@ -72,10 +72,8 @@ def extract_with_jobs(units: list[Unit], dataset: Dataset, settings: ExtractSett
             results[i] = done
         else:
             to_submit.append(i)
-    job_settings = settings.model_copy(update={"executor": "local", "progress": False, "force": False})
-    if settings.force:
-        # --force applies to the caches submitted now, once: the jobs delete them before rebuilding
-        job_settings = job_settings.model_copy(update={"force": True})
+    # each job is a plain local extraction of its one cache (with --force: every cache was submitted, and rebuilt)
+    job_settings = settings.model_copy(update={"executor": "local", "progress": False})
     log.info("%d cache(s) to build as %s jobs, %d complete, %d being built elsewhere; job logs in %s",
              len(to_submit), settings.executor, len(results), len(elsewhere), Path(settings.workdir) / "jobs")
     jobs = [Job(units[i].name, extract_job, (units[i], dataset, job_settings)) for i in to_submit]
