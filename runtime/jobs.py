@@ -220,8 +220,9 @@ def run_jobs(jobs: Sequence[Job], settings: JobOptions, what: str, *, progress: 
                 time.sleep(poll_seconds)
     except KeyboardInterrupt:
         ids = [j.job_id for j, _ in running.values()]
-        log.error("interrupted: %d job(s) keep running (%s); running the same command again waits for their "
-                  "results instead of submitting them again", len(ids), ", ".join(ids))
+        stop = f"`scancel {' '.join(ids)}`" if settings.executor == "slurm" else "kill them"
+        log.error("interrupted: %d job(s) keep running (%s); %s to stop them. Running the same command again "
+                  "reuses what they finish", len(ids), ", ".join(ids), stop)
         raise
     finally:
         watch.close()
