@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cache import cache_path
+from cache import open_cache
 from configs.extract import ExtractSettings
 from extract.dataset import Dataset
 from extract.extractor import ExtractResult, cache_key, check_existing
@@ -37,22 +37,18 @@ def extract_job(unit: Unit, dataset: Dataset, settings: ExtractSettings) -> Extr
 
 def _complete(unit: Unit, dataset: Dataset, settings: ExtractSettings) -> ExtractResult | None:
     """The finished cache for ``unit`` if one matches its key (checked under its lock; ``Busy`` if held)."""
-    path = cache_path(settings.workdir, unit.spec.name, int(unit.data_cfg["input_size"][-1]))
+    path = unit.cache_path(settings.workdir)
     with exclusive(settings.workdir, f"cache-{path.name}", wait=False):
         key = cache_key(unit.spec, unit.weights, unit.data_cfg, unit.size_kwargs, dataset, settings)
         if settings.force or check_existing(path, key, dataset.annotation_fingerprint) != "reused":
             return None
-    from cache import open_cache
-
     with open_cache(path) as fc:
         rows, dim = fc.num_rows, fc.feature_dim
-    return ExtractResult(unit.spec.name, int(unit.data_cfg["input_size"][-1]), rows, dim, 0.0, path, "reused",
-                         unit.weights.tag)
+    return ExtractResult(unit.spec.name, unit.image_size, rows, dim, 0.0, path, "reused", unit.weights.tag)
 
 
 def _failed(unit: Unit, settings: ExtractSettings, status: str) -> ExtractResult:
-    path = cache_path(settings.workdir, unit.spec.name, int(unit.data_cfg["input_size"][-1]))
-    return ExtractResult(unit.spec.name, int(unit.data_cfg["input_size"][-1]), 0, 0, 0.0, path, status,
+    return ExtractResult(unit.spec.name, unit.image_size, 0, 0, 0.0, unit.cache_path(settings.workdir), status,
                          unit.weights.tag)
 
 
@@ -87,7 +83,7 @@ def extract_with_jobs(units: list[Unit], dataset: Dataset, settings: ExtractSett
             results[i] = _failed(units[i], settings, "failed" if state == "failed" else f"failed ({state})")
             failures.append(f"{units[i].name}: job {outcome.job_id}: {outcome.error} (log: {outcome.log})")
     for i in elsewhere:  # wait for the other process, then take what it left
-        with exclusive(settings.workdir, f"cache-{units[i].cache_name(settings.workdir)}", wait=True):
+        with exclusive(settings.workdir, f"cache-{units[i].cache_path(settings.workdir).name}", wait=True):
             pass
         results[i] = _complete(units[i], dataset, settings.model_copy(update={"force": False})) or _failed(
             units[i], settings, "failed elsewhere")

@@ -34,11 +34,15 @@ class Unit:
     size_kwargs: dict[str, Any]
 
     @property
-    def name(self) -> str:
-        return f"{self.spec.name}@{int(self.data_cfg['input_size'][-1])}"
+    def image_size(self) -> int:
+        return int(self.data_cfg["input_size"][-1])
 
-    def cache_name(self, workdir: Path) -> str:
-        return cache_path(workdir, self.spec.name, int(self.data_cfg["input_size"][-1])).name
+    @property
+    def name(self) -> str:
+        return f"{self.spec.name}@{self.image_size}"
+
+    def cache_path(self, workdir: Path) -> Path:
+        return cache_path(workdir, self.spec.name, self.image_size)
 
 
 def plan_units(settings: ExtractSettings) -> list[Unit]:
@@ -101,7 +105,7 @@ def extract_features(settings: ExtractSettings, dataset: Dataset | None = None) 
 def extract_unit(unit: Unit, factory: Callable[[], tuple], dataset: Dataset, device: torch.device,
                  settings: ExtractSettings) -> ExtractResult:
     """Make ``unit``'s cache under its lock: a second process asking for it waits, then reuses it."""
-    with exclusive(settings.workdir, f"cache-{unit.cache_name(settings.workdir)}", wait=True):
+    with exclusive(settings.workdir, f"cache-{unit.cache_path(settings.workdir).name}", wait=True):
         result = extract_one(unit.spec, factory, unit.weights, unit.data_cfg, unit.size_kwargs, dataset, device,
                              settings)
     log.info("%s@%d: %s in %.2fs -> %s", result.backbone, result.image_size, result.status, result.seconds,

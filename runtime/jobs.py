@@ -233,28 +233,26 @@ def _finished(name: str, job: Any, states: dict[str, tuple[str, str]] | None, lo
               ) -> JobOutcome | None:
     """The outcome of ``job`` if it is over, else ``None``. ``states``: squeue's view (Slurm) or ``None`` (local
     processes); ``lost``: squeue has not listed the job for several polls."""
+    if states is None and not job.done():  # the local executor: the process is still there
+        return None
     if job.paths.result_pickle.exists():
         try:
             result = job.result()
         except Exception as exc:  # the function raised in the job: submitit re-raises with its traceback
             return JobOutcome(name, job.job_id, "FAILED", error=error_line(str(exc)), log=job.paths.stderr)
         return JobOutcome(name, job.job_id, "COMPLETED", result=result, log=job.paths.stderr)
-    if states is not None:  # Slurm
-        state, _ = states.get(job.job_id, ("", ""))
-        if state in _FINAL or (not state and lost):
-            # over without a result: killed (time limit, scancel, preemption, out of memory) or gone from squeue
-            tail = _log_tail(job.paths.stderr)
-            return JobOutcome(name, job.job_id, (state or "LOST").split()[0],
-                              error=f"ended {state or 'without a trace in squeue'} before writing a result"
-                              + (f"; log ends: {tail}" if tail else ""), log=job.paths.stderr)
-        return None
-    if not job.done():  # the local executor: the process is still there
-        return None
-    if job.paths.result_pickle.exists():
-        return _finished(name, job, states)
-    return JobOutcome(name, job.job_id, "FAILED", error="the job's process ended without a result"
-                      + (f"; log ends: {tail}" if (tail := _log_tail(job.paths.stderr)) else ""),
-                      log=job.paths.stderr)
+    if states is None:  # a local process that ended without writing a result
+        tail = _log_tail(job.paths.stderr)
+        return JobOutcome(name, job.job_id, "FAILED", error="the job's process ended without a result"
+                          + (f"; log ends: {tail}" if tail else ""), log=job.paths.stderr)
+    state, _ = states.get(job.job_id, ("", ""))
+    if state in _FINAL or (not state and lost):
+        # over without a result: killed (time limit, scancel, preemption, out of memory) or gone from squeue
+        tail = _log_tail(job.paths.stderr)
+        return JobOutcome(name, job.job_id, (state or "LOST").split()[0],
+                          error=f"ended {state or 'without a trace in squeue'} before writing a result"
+                          + (f"; log ends: {tail}" if tail else ""), log=job.paths.stderr)
+    return None
 
 
 def _log_tail(path: Path) -> str:
