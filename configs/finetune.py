@@ -18,13 +18,14 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from configs import config_file
+from configs.executor import JobCommandSettings
 from configs.extract import Device
 from configs.probe import Metric
 from configs.profiling import Provider
-from configs.settings import CommandSettings, ConfigError, Settings, read_yaml, validate
+from configs.settings import ConfigError, Settings, read_yaml, validate
 
 
-class FinetuneSettings(CommandSettings):
+class FinetuneSettings(JobCommandSettings):
     top: int = Field(3, ge=1, description="fine-tune the K best backbones (x resolution) of the probe leaderboard")
     backbones: tuple[str, ...] = Field((), description="names or patterns instead of --top",
                                        json_schema_extra={"default_text": "the --top best"})
@@ -34,7 +35,11 @@ class FinetuneSettings(CommandSettings):
     ng_optimizer: str = Field("NGOpt", description="Nevergrad optimizer name (NGOpt picks one from the space and "
                               "budget)")
     budget: int = Field(20, ge=1, description="trials per backbone, the default configuration included")
-    workers: int = Field(1, ge=1, description="trials run at once (Nevergrad is told: never more open asks)")
+    workers: int = Field(1, ge=1, description="trials run at once: threads here, or jobs with --executor "
+                         "slurm/gpus (Nevergrad is told: never more open asks)")
+    attempts: int = Field(3, ge=1, description="with --executor slurm/gpus: submissions of a trial whose job is "
+                          "killed (time limit, preemption, scancel) before it counts as failed; each resumes from "
+                          "the trial's last.pt")
     metric: Metric | None = Field(None, description="selection metric on validation",
                                   json_schema_extra={"default_text": "the probe's"})
     head: Literal["probe", "random"] = Field("probe", description="start from the probe's chosen head, or a random "

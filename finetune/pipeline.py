@@ -94,6 +94,13 @@ def _search(target: Target, data: FinetuneData, tuning: TuningConfig, folder: Pa
         trial_setup = replace(setup, seed=setup.seed + n, progress=s.progress and s.workers == 1)
         return run_trial(target, data, tuning.params(point), tuning, folder / f"trial-{n:03d}", trial_setup, stop)
 
+    if s.executor == "local":
+        trials = objective
+    else:
+        from finetune.jobs import JobTrials
+
+        trials = JobTrials(s, target, tuning, folder, setup, record=study.record_job)
+
     def on_end(record: TrialRecord) -> None:
         bar.update(1)
         best = study.best()
@@ -101,7 +108,7 @@ def _search(target: Target, data: FinetuneData, tuning: TuningConfig, folder: Pa
             bar.set_postfix({f"best {metric}": f"{best.metric:.4f}"})
 
     try:
-        study.run(objective, on_end=on_end)
+        study.run(trials, on_end=on_end)
     finally:
         bar.close()
     return study

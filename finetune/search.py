@@ -7,6 +7,11 @@ optimizer â€” ``ask`` gives back the same points, ``tell`` the recorded losses â
 optimizer's state is what it was, finished trials are not repeated, and a trial that
 was running when the study was killed runs again (from its own ``last.pt``).
 
+Trials run through a :class:`TrialRunner`: in this process (:class:`InProcessTrials`, threads
+for ``workers > 1``) or as jobs (``finetune/jobs.py``). A job's id is recorded with its trial
+(``start``, and a ``job`` event for each resubmission), so a restarted study adopts the jobs
+still running instead of running their trials again.
+
 Nevergrad minimises: the loss told is ``-metric`` for metrics where higher is
 better. A failed trial is told a loss worse than every finished one.
 """
@@ -19,11 +24,11 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nevergrad as ng
 
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("nevergrad", "random", "none")
 FAILED_MARGIN = 1.0
+JOB_KEYS = ("job", "attempt", "executor", "log")
 
 
 class StudyError(UserError, RuntimeError):
@@ -61,6 +67,64 @@ class TrialRecord:
 
 
 Objective = Callable[[int, dict[str, Any], threading.Event], TrialOutcome]
+
+
+class TrialRunner(Protocol):
+    """Where a study's trials run."""
+
+    slots: int  # trials it can run at once
+
+    def start(self, n: int, point: dict[str, Any], job: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Start trial ``n``, or adopt ``job`` (what the log recorded of its job); returns the job to record."""
+
+    def in_flight(self) -> int: ...
+
+    def wait(self) -> Iterator[tuple[int, TrialOutcome]]:
+        """Block until trials are over and yield each with its outcome. Raises when the study must stop
+        (``KeyboardInterrupt``, :class:`StudyStopped`, a full disk): that trial is not over, it runs again."""
+
+    def close(self, abort: bool) -> None:
+        """Release what ``start`` took; ``abort``: the study is stopping with trials in flight."""
+
+
+class InProcessTrials:
+    """Trials as calls of ``objective`` in this process: one after the other, or ``workers`` threads."""
+
+    def __init__(self, objective: Objective, workers: int) -> None:
+        self.objective, self.slots = objective, workers
+        self.stop = threading.Event()  # running trials stop at their next step and resume next time
+        self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        self.futures: dict[Future, int] = {}
+
+    def start(self, n: int, point: dict[str, Any], job: dict[str, Any] | None) -> None:
+        if self.pool is not None:
+            self.futures[self.pool.submit(self.objective, n, point, self.stop)] = n
+            return
+        future: Future = Future()
+        try:
+            future.set_result(self.objective(n, point, self.stop))
+        except BaseException as exc:  # recorded as a failure, or re-raised by wait() if the study must stop
+            future.set_exception(exc)
+        self.futures[future] = n
+
+    def in_flight(self) -> int:
+        return len(self.futures)
+
+    def wait(self) -> Iterator[tuple[int, TrialOutcome]]:
+        finished, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
+        for future in sorted(finished, key=lambda f: self.futures[f]):
+            exc = future.exception()
+            if isinstance(exc, (KeyboardInterrupt, StudyStopped)) or (exc and is_storage_failure(exc)):
+                raise exc  # the trial did not fail, it was stopped: not told, it runs again next time
+            n = self.futures.pop(future)
+            yield n, future.result() if exc is None else TrialOutcome(
+                "failed", None, reason=f"crashed: {type(exc).__name__}: {exc}")
+
+    def close(self, abort: bool) -> None:
+        if abort:
+            self.stop.set()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=abort)
 
 
 def make_optimizer(kind: str, name: str, parametrization: ng.p.Parameter, budget: int, workers: int
@@ -102,6 +166,7 @@ class Study:
                        else None, "metric": metric, "seed": seed, "space": tuning.fingerprint(),
                        "workers": self.workers}
         self.trials: dict[int, TrialRecord] = {}
+        self.jobs: dict[int, dict[str, Any]] = {}  # trial -> its latest job (id, attempt, executor, log)
         self.delegate: str | None = None
         self._lock = threading.Lock()
 
@@ -188,6 +253,10 @@ class Study:
                     candidate = opt.parametrization.spawn_child(new_value=event["params"])
                 candidates[n] = candidate
                 self.trials[n] = TrialRecord(n, event["params"])
+                if event.get("job"):
+                    self.jobs[n] = {k: event[k] for k in JOB_KEYS if k in event}
+            elif kind == "job" and int(event["trial"]) in candidates:
+                self.jobs[int(event["trial"])] = {k: event[k] for k in JOB_KEYS if k in event}
             elif kind == "end":
                 n = int(event["trial"])
                 if n not in candidates:  # its start line was lost (a broken line): the trial is run again
@@ -200,36 +269,32 @@ class Study:
                 opt.tell(candidates.pop(n), record.loss)
         return candidates
 
-    def run(self, objective: Objective, *, on_end: Callable[[TrialRecord], None] | None = None) -> list[TrialRecord]:
-        """Run trials until the budget is spent; ``objective(number, point, stop)`` trains one."""
+    def record_job(self, n: int, job: dict[str, Any]) -> None:
+        """Trial ``n`` runs in another job now (a resubmission after its job was killed)."""
+        self.jobs[n] = job
+        self._append({"event": "job", "trial": n, **job, "time": time.time()})
+
+    def run(self, trials: Objective | TrialRunner, *, on_end: Callable[[TrialRecord], None] | None = None
+            ) -> list[TrialRecord]:
+        """Run trials until the budget is spent: ``trials`` is a runner, or ``objective(number, point, stop)``
+        that trains one in this process."""
+        runner = InProcessTrials(trials, self.workers) if callable(trials) else trials
         events = self._read_log()
         opt = self._new_optimizer()
         if events:
             unfinished = self._replay(opt, events[1:] if events[0].get("event") == "study" else events)
             done = sum(t.status != "running" for t in self.trials.values())
-            log.info("%s: resuming the study, %d trial(s) finished, %d to re-run", self.folder.name, done, len(unfinished))
+            log.info("%s: resuming the study, %d trial(s) finished, %d to re-run or adopt", self.folder.name, done,
+                     len(unfinished))
         else:
             self._append({**self.header, "time": time.time()})
             unfinished = {}
-        stop = threading.Event()
         queue = sorted(unfinished.items())
         next_number = max(self.trials, default=-1) + 1
+        slots = min(self.workers, runner.slots)
+        in_flight: dict[int, ng.p.Parameter] = {}
 
-        def launch(pool: ThreadPoolExecutor | None, n: int) -> Future:
-            point = self.trials[n].point
-            if pool is None:
-                future: Future = Future()
-                try:
-                    future.set_result(objective(n, point, stop))
-                except Exception as exc:  # the objective should not raise; record it as a failure if it does
-                    future.set_exception(exc)
-                return future
-            return pool.submit(objective, n, point, stop)
-
-        def finish(n: int, candidate: ng.p.Parameter, future: Future) -> None:
-            exc = future.exception()
-            outcome = future.result() if exc is None else TrialOutcome(
-                "failed", None, reason=f"crashed: {type(exc).__name__}: {exc}")
+        def finish(n: int, candidate: ng.p.Parameter, outcome: TrialOutcome) -> None:
             if outcome.status == "ok" and (outcome.metric is None or not math.isfinite(outcome.metric)):
                 outcome = TrialOutcome("failed", None, outcome.best_epoch, outcome.epochs, outcome.seconds,
                                        reason=f"non-finite validation {self.metric} ({outcome.metric})")
@@ -250,36 +315,33 @@ class Study:
             if on_end is not None:
                 on_end(record)
 
-        pool = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 else None
-        in_flight: dict[Future, tuple[int, ng.p.Parameter]] = {}
         try:
             while True:
                 # Never more open asks than workers: re-runs of unfinished trials count as open asks.
-                while len(in_flight) < self.workers and (queue or next_number < self.budget):
+                while runner.in_flight() < slots and (queue or next_number < self.budget):
                     if queue:
                         n, candidate = queue.pop(0)
+                        job = runner.start(n, self.trials[n].point, self.jobs.get(n))
+                        if job is not None and job != self.jobs.get(n):
+                            self.record_job(n, job)
                     else:
                         n, candidate = next_number, self._ask(opt)
                         next_number += 1
                         self.trials[n] = TrialRecord(n, self._point(candidate))
-                        self._append({"event": "start", "trial": n, "params": self.trials[n].point, "time": time.time()})
-                    in_flight[launch(pool, n)] = (n, candidate)
+                        job = runner.start(n, self.trials[n].point, None)
+                        if job is not None:
+                            self.jobs[n] = job
+                        self._append({"event": "start", "trial": n, "params": self.trials[n].point, **(job or {}),
+                                      "time": time.time()})
+                    in_flight[n] = candidate
                 if not in_flight:
                     break
-                finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
-                for future in sorted(finished, key=lambda f: in_flight[f][0]):
-                    exc = future.exception()
-                    if isinstance(exc, (KeyboardInterrupt, StudyStopped)) or (exc and is_storage_failure(exc)):
-                        raise exc  # the trial did not fail, it was stopped: not told, it runs again next time
-                    n, candidate = in_flight.pop(future)
-                    finish(n, candidate, future)
+                for n, outcome in runner.wait():
+                    finish(n, in_flight.pop(n), outcome)
         except BaseException:
-            stop.set()  # running trials stop at their next step and resume next time
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            runner.close(abort=True)
             raise
-        if pool is not None:
-            pool.shutdown(wait=True)
+        runner.close(abort=False)
         return sorted(self.trials.values(), key=lambda t: t.number)
 
     # ------------------------------------------------------------------ results

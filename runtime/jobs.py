@@ -10,11 +10,12 @@ database (``sacct``) is needed. Logs go to ``WORKDIR/jobs/<job id>_0_log.{out,er
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,7 +68,7 @@ class Job:
 class JobOutcome:
     name: str
     job_id: str | None
-    state: str  # COMPLETED, FAILED, TIMEOUT, CANCELLED, LOST, ...
+    state: str  # COMPLETED, FAILED (the function raised), or over without a result: TIMEOUT, CANCELLED, KILLED, LOST ...
     result: Any = None
     error: str | None = None
     log: Path | None = None
@@ -75,6 +76,12 @@ class JobOutcome:
     @property
     def ok(self) -> bool:
         return self.state == "COMPLETED" and self.error is None
+
+    @property
+    def killed(self) -> bool:
+        """Stopped from outside before it could finish (time limit, preemption, scancel, a lost node): running
+        it again may well succeed, unlike a job whose function raised."""
+        return not self.ok and self.state not in ("COMPLETED", "FAILED")
 
 
 def job_folder(workdir: Path) -> Path:
@@ -163,66 +170,103 @@ class _Watch:
         self.bar.close()
 
 
+class JobPool:
+    """Jobs submitted, or adopted from an earlier coordinator, one at a time and watched until each is over:
+    what :func:`run_jobs` and the fine-tuning search share. ``key`` is the caller's name for a unit of work."""
+
+    def __init__(self, settings: JobOptions) -> None:
+        self.settings = settings
+        self.slurm = settings.executor == "slurm"
+        self.executor = make_executor(settings)
+        self.gpus = _visible_gpus(settings) if settings.executor == "gpus" else ()
+        if settings.executor == "gpus" and not self.gpus:
+            raise JobSystemError("--executor gpus: no GPU is visible here (torch.cuda.device_count() is 0); use "
+                                 "--executor local, or name them with --gpus")
+        self.running: dict[Hashable, tuple[str, Any, int | None]] = {}  # key -> (name, submitit job, GPU)
+        self.queued = 0  # of the running ones, how many Slurm still has in its queue (at the last poll)
+        self._unseen: dict[str, int] = {}  # polls in which squeue did not list a job (a failed squeue is not a lost job)
+
+    def capacity(self, wanted: int) -> int:
+        """Jobs in flight at most, for ``wanted`` units: ``max_jobs``, and one per GPU with ``gpus``."""
+        cap = self.settings.max_jobs or wanted
+        return max(1, min(cap, len(self.gpus)) if self.gpus else cap)
+
+    def submit(self, key: Hashable, job: Job) -> Any:
+        """Send ``job`` off; returns submitit's job (``job_id``, ``paths.stderr``)."""
+        gpu = None
+        if self.gpus:
+            busy = {g for _, _, g in self.running.values()}
+            gpu = next(g for g in self.gpus if g not in busy)
+            self.executor.update_parameters(visible_gpus=(gpu,), gpus_per_node=1)
+        if self.slurm:
+            self.executor.update_parameters(job_name=f"bb-{job.name}"[:64])
+        try:
+            submitted = self.executor.submit(job.fn, *job.args)
+        except Exception as exc:  # sbatch refused: a bad partition, account or time limit
+            raise JobSystemError(f"submitting {job.name} failed: {error_line(str(exc))}") from exc
+        log.info("%s: submitted as job %s%s; log %s", job.name, submitted.job_id,
+                 f" on GPU {gpu}" if gpu is not None else "", submitted.paths.stderr)
+        self.running[key] = (job.name, submitted, gpu)
+        return submitted
+
+    def adopt(self, key: Hashable, name: str, job_id: str) -> Any:
+        """Watch the job ``job_id`` that an earlier coordinator submitted (its files are under the workdir)."""
+        import submitit
+
+        folder = job_folder(self.settings.workdir) / "%j"
+        job = submitit.SlurmJob(folder, job_id) if self.slurm else submitit.LocalJob(folder, job_id)
+        log.info("%s: adopted job %s, submitted by an earlier run; log %s", name, job_id, job.paths.stderr)
+        self.running[key] = (name, job, None)
+        return job
+
+    def poll(self) -> list[tuple[Hashable, JobOutcome]]:
+        """The jobs that are over since the last poll, each with its outcome; they leave ``running``."""
+        states = _squeue([j.job_id for _, j, _ in self.running.values()]) if self.slurm else None
+        over, self.queued = [], 0
+        for key, (name, job, _) in list(self.running.items()):
+            if states is not None and job.job_id not in states:
+                self._unseen[job.job_id] = self._unseen.get(job.job_id, 0) + 1
+            outcome = _finished(name, job, states, lost=self._unseen.get(job.job_id, 0) >= 3)
+            if outcome is None:
+                self.queued += states is not None and states.get(job.job_id, ("",))[0] in _QUEUED
+                continue
+            del self.running[key]
+            level = logging.INFO if outcome.ok else logging.ERROR
+            log.log(level, "%s: job %s %s%s", outcome.name, outcome.job_id, outcome.state.lower(),
+                    f": {outcome.error} (log: {outcome.log})" if outcome.error else "")
+            over.append((key, outcome))
+        return over
+
+    def interrupted(self) -> None:
+        """Say which jobs keep running after the coordinator was interrupted, and how to stop them."""
+        ids = [j.job_id for _, j, _ in self.running.values()]
+        if ids:
+            stop = f"`scancel {' '.join(ids)}`" if self.slurm else f"`kill {' '.join(ids)}`"
+            log.error("interrupted: %d job(s) keep running (%s); %s to stop them. Running the same command again "
+                      "reuses what they finish", len(ids), ", ".join(ids), stop)
+
+
 def run_jobs(jobs: Sequence[Job], settings: JobOptions, what: str, *, progress: bool = True,
              poll_seconds: float = 2.0) -> list[JobOutcome]:
     """Submit ``jobs`` (at most ``settings.max_jobs`` in flight), wait for all of them, return their outcomes in
     the order given. A job that failed, was killed or vanished is an outcome with its error, not an exception."""
-    executor = make_executor(settings)
-    gpus = _visible_gpus(settings) if settings.executor == "gpus" else ()
-    if settings.executor == "gpus" and not gpus:
-        raise JobSystemError("--executor gpus: no GPU is visible here (torch.cuda.device_count() is 0); use "
-                             "--executor local, or name them with --gpus")
-    cap = len(gpus) if gpus else (settings.max_jobs or len(jobs))
-    if gpus and settings.max_jobs:
-        cap = min(cap, settings.max_jobs)
+    pool = JobPool(settings)
+    cap = pool.capacity(len(jobs))
     waiting = list(enumerate(jobs))
-    running: dict[int, tuple[Any, int | None]] = {}  # index -> (submitit job, GPU index)
     outcomes: dict[int, JobOutcome] = {}
-    unseen: dict[str, int] = {}  # polls in which squeue did not list a job (a failed squeue is not a lost job)
     watch = _Watch(len(jobs), what, progress)
     try:
-        while waiting or running:
-            while waiting and len(running) < cap:
+        while waiting or pool.running:
+            while waiting and len(pool.running) < cap:
                 i, job = waiting.pop(0)
-                gpu = None
-                if gpus:
-                    busy = {g for _, g in running.values()}
-                    gpu = next(g for g in gpus if g not in busy)
-                    executor.update_parameters(visible_gpus=(gpu,), gpus_per_node=1)
-                if settings.executor == "slurm":
-                    executor.update_parameters(job_name=f"bb-{job.name}"[:64])
-                try:
-                    submitted = executor.submit(job.fn, *job.args)
-                except Exception as exc:  # sbatch refused: a bad partition, account or time limit
-                    raise JobSystemError(f"submitting {job.name} failed: {error_line(str(exc))}") from exc
-                log.info("%s: submitted as job %s%s; log %s", job.name, submitted.job_id,
-                         f" on GPU {gpu}" if gpu is not None else "", submitted.paths.stderr)
-                running[i] = (submitted, gpu)
-            slurm = settings.executor == "slurm"
-            states = _squeue([j.job_id for j, _ in running.values()]) if slurm else {}
-            queued = 0
-            for i, (submitted, _) in list(running.items()):
-                if slurm and submitted.job_id not in states:
-                    unseen[submitted.job_id] = unseen.get(submitted.job_id, 0) + 1
-                outcome = _finished(jobs[i].name, submitted, states if slurm else None,
-                                    lost=unseen.get(submitted.job_id, 0) >= 3)
-                if outcome is not None:
-                    outcomes[i] = outcome
-                    del running[i]
-                    level = logging.INFO if outcome.ok else logging.ERROR
-                    log.log(level, "%s: job %s %s%s", outcome.name, outcome.job_id, outcome.state.lower(),
-                            f": {outcome.error} (log: {outcome.log})" if outcome.error else "")
-                elif states.get(submitted.job_id, ("",))[0] in _QUEUED:
-                    queued += 1
+                pool.submit(i, job)
+            outcomes.update(pool.poll())
             failed = sum(not o.ok for o in outcomes.values())
-            watch.show(queued, len(running) - queued, len(outcomes) - failed, failed, len(waiting))
-            if running:
+            watch.show(pool.queued, len(pool.running) - pool.queued, len(outcomes) - failed, failed, len(waiting))
+            if pool.running:
                 time.sleep(poll_seconds)
     except KeyboardInterrupt:
-        ids = [j.job_id for j, _ in running.values()]
-        stop = f"`scancel {' '.join(ids)}`" if settings.executor == "slurm" else "kill them"
-        log.error("interrupted: %d job(s) keep running (%s); %s to stop them. Running the same command again "
-                  "reuses what they finish", len(ids), ", ".join(ids), stop)
+        pool.interrupted()
         raise
     finally:
         watch.close()
@@ -233,26 +277,45 @@ def _finished(name: str, job: Any, states: dict[str, tuple[str, str]] | None, lo
               ) -> JobOutcome | None:
     """The outcome of ``job`` if it is over, else ``None``. ``states``: squeue's view (Slurm) or ``None`` (local
     processes); ``lost``: squeue has not listed the job for several polls."""
-    if states is None and not job.done():  # the local executor: the process is still there
-        return None
+    state = ""
+    if states is None:
+        if _local_alive(job):  # the local executor: the process is still there
+            return None
+    else:
+        # Over only once Slurm says so, not when the result file appears: the job still holds its slot until
+        # then, and the next one must not start before it ends (--max-jobs, --workers count Slurm's jobs).
+        state = states.get(job.job_id, ("", ""))[0]
+        if (state and state.split()[0] not in _FINAL) or (not state and not lost
+                                                          and not job.paths.result_pickle.exists()):
+            return None
     if job.paths.result_pickle.exists():
         try:
             result = job.result()
         except Exception as exc:  # the function raised in the job: submitit re-raises with its traceback
             return JobOutcome(name, job.job_id, "FAILED", error=error_line(str(exc)), log=job.paths.stderr)
         return JobOutcome(name, job.job_id, "COMPLETED", result=result, log=job.paths.stderr)
-    if states is None:  # a local process that ended without writing a result
-        tail = _log_tail(job.paths.stderr)
-        return JobOutcome(name, job.job_id, "FAILED", error="the job's process ended without a result"
+    tail = _log_tail(job.paths.stderr)
+    if states is None:  # a local process that ended without writing a result: killed (a signal, out of memory)
+        return JobOutcome(name, job.job_id, "KILLED", error="the job's process ended without a result"
                           + (f"; log ends: {tail}" if tail else ""), log=job.paths.stderr)
-    state, _ = states.get(job.job_id, ("", ""))
-    if state in _FINAL or (not state and lost):
-        # over without a result: killed (time limit, scancel, preemption, out of memory) or gone from squeue
-        tail = _log_tail(job.paths.stderr)
-        return JobOutcome(name, job.job_id, (state or "LOST").split()[0],
-                          error=f"ended {state or 'without a trace in squeue'} before writing a result"
-                          + (f"; log ends: {tail}" if tail else ""), log=job.paths.stderr)
-    return None
+    # over without a result: killed (time limit, scancel, preemption, out of memory) or gone from squeue
+    return JobOutcome(name, job.job_id, (state or "LOST").split()[0],
+                      error=f"ended {state or 'without a trace in squeue'} before writing a result"
+                      + (f"; log ends: {tail}" if tail else ""), log=job.paths.stderr)
+
+
+def _local_alive(job: Any) -> bool:
+    """Whether a local job's process runs: our child, or (adopted after a restart) any process with its id."""
+    process = getattr(job, "_process", None)  # submitit's own handle on the processes it started
+    if process is not None:
+        return process.poll() is None
+    if job.paths.result_pickle.exists():
+        return False
+    try:
+        os.kill(int(job.job_id), 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _log_tail(path: Path) -> str:

@@ -58,8 +58,11 @@ def blob_images(root: Path, per_class: int = 16, size: int = 40) -> Path:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return probed_workdir(tmp_path_factory.mktemp("finetune"))
+
+
+def probed_workdir(base: Path) -> Path:
     """extract (float32 cache, so logits compare tightly) and probe, as stage one leaves them."""
-    base = tmp_path_factory.mktemp("finetune")
     data = blob_images(base / "images")
     grid = base / "grid.yaml"
     grid.write_text(GRID)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import operator
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +27,8 @@ from configs.settings import ConfigError
 from extract.pipeline import extract_features
 from runtime.jobs import Job, JobsFailed, JobSystemError, make_executor, run_jobs
 from runtime.locks import exclusive
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _slurm_problem() -> str | None:
@@ -226,7 +231,6 @@ def test_extract_and_profiling_as_slurm_jobs_match_local_runs_and_a_rerun_submit
 
     assert profiling_main(["--workdir", str(work), "--executor", "slurm", "--batch-sizes", "1", "--min-runs", "5",
                            "--min-seconds", "0", "--warmup", "1", "--no-progress"]) == 0
-    import json
 
     report = json.loads((work / "profiling" / "performance.json").read_text())
     assert {r["backbone"] for r in report["records"]} == set(names.split(","))
@@ -234,3 +238,123 @@ def test_extract_and_profiling_as_slurm_jobs_match_local_runs_and_a_rerun_submit
     for record in report["records"]:
         assert record["node"] == host and record["hardware"] and record["slurm_job"]
     assert report["machines"][host]["slurm_job"] is not None  # measured inside a job
+
+
+# --- the fine-tuning search as jobs ------------------------------------------------------------------------------
+
+SLUG = "test_resnet.r160_in1k@48"
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.test_finetune_train import probed_workdir
+
+    return probed_workdir(tmp_path_factory.mktemp("probed"))
+
+
+def _finetune_args(work: Path, tmp_path: Path, *extra: str) -> list[str]:
+    from tests.test_finetune_train import SEARCH
+
+    space = tmp_path / "space.yaml"
+    space.write_text(json.dumps({k: SEARCH[k] for k in ("defaults", "augment", "space")}))
+    config = tmp_path / "exp.yaml"
+    config.write_text("executor: {cpus_per_task: 1, time: 10}\n")
+    return ["--config", str(config), "--workdir", str(work), "--epochs", "2", "--gradcam-images", "0",
+            "--no-latency", "--no-progress", "--data-workers", "0", "--bootstrap", "20", "--space", str(space), *extra]
+
+
+def _events(work: Path) -> list[dict]:
+    log = work / "finetune" / SLUG / "trials.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def _jobcomp(since: str) -> list[dict[str, str]]:
+    """Slurm's own record of this test's trial jobs (tests/slurm/start.sh turns on jobcomp/filetxt)."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    location = next((line.split("=", 1)[1].strip() for line in config.splitlines()
+                     if line.startswith("JobCompLoc")), "")
+    if not os.path.isfile(location):
+        pytest.fail(f"Slurm keeps no job completion log ({location!r}); tests/slurm/start.sh sets JobCompType")
+    records = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in open(location)]
+    return [r for r in records if r.get("Name", "").startswith(f"bb-{SLUG}-t") and r["SubmitTime"] >= since]
+
+
+def _most_at_once(records: list[dict[str, str]]) -> int:
+    """Most jobs running at once by Slurm's start and end times (an end and a start in one second: no overlap)."""
+    edges = sorted([(r["StartTime"], 1) for r in records] + [(r["EndTime"], -1) for r in records])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def _squeue_states(ids: list[str]) -> dict[str, str]:
+    out = subprocess.run(["squeue", "-h", "--states=all", "-o", "%i %T", "-j", ",".join(ids)], capture_output=True,
+                         text=True).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+@pytest.mark.slow
+def test_finetune_search_as_slurm_jobs_survives_a_killed_coordinator_and_a_cancelled_job(
+        slurm, probed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from finetune.cli import main as finetune_main
+
+    work = tmp_path / "run"
+    shutil.copytree(probed, work)
+    args = _finetune_args(work, tmp_path, "--budget", "4", "--executor", "slurm", "--workers", "2")
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    coordinator = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline, first = time.time() + 180, {}
+    while time.time() < deadline and coordinator.poll() is None:
+        first = {e["trial"]: e["job"] for e in _events(work) if e["event"] == "start"}
+        if len(first) == 2 and set(_squeue_states(list(first.values())).values()) == {"RUNNING"}:
+            break
+        time.sleep(0.3)
+    coordinator.kill()
+    coordinator.wait()
+    assert sorted(first) == [0, 1], f"the coordinator did not start two trial jobs: {_events(work)}"
+    assert "RUNNING" in _squeue_states(list(first.values())).values()  # jobs outlive their coordinator
+    subprocess.run(["scancel", first[1]], check=True)  # preempted while nobody watched
+
+    caplog.set_level(logging.INFO)
+    assert finetune_main(args) == 0
+    events = _events(work)
+    assert sorted(e["trial"] for e in events if e["event"] == "end") == [0, 1, 2, 3]  # none lost, none twice
+    assert all(e["status"] == "ok" for e in events if e["event"] == "end")
+    assert f"adopted job {first[0]}" in caplog.text
+    again = [e for e in events if e["event"] == "job"]
+    assert [(e["trial"], e["attempt"]) for e in again] == [(1, 2)]  # only the cancelled one ran again
+    jobs_of = {}
+    for e in events:
+        if e["event"] in ("start", "job"):
+            jobs_of.setdefault(e["trial"], []).append(e["job"])
+    deadline = time.time() + 30
+    while time.time() < deadline and len(records := _jobcomp(since)) < 5:
+        time.sleep(1)
+    assert sorted(r["JobId"] for r in records) == sorted(j for ids in jobs_of.values() for j in ids)
+    state = {r["JobId"]: r["JobState"] for r in records}
+    assert [state[j] for j in jobs_of[1]] == ["CANCELLED", "COMPLETED"]
+    assert all(state[jobs_of[n][0]] == "COMPLETED" for n in (0, 2, 3))
+    assert _most_at_once(records) <= 2
+    assert json.loads((work / "finetune" / SLUG / "study.json").read_text())["best"] is not None
+
+
+@pytest.mark.slow
+def test_finetune_search_as_slurm_jobs_asks_and_trains_as_a_local_run(slurm, probed: Path, tmp_path: Path) -> None:
+    from finetune.cli import main as finetune_main
+
+    runs = {}
+    for executor in ("local", "slurm"):
+        work = tmp_path / executor
+        shutil.copytree(probed, work)
+        assert finetune_main(_finetune_args(work, tmp_path, "--budget", "2", "--executor", executor,
+                                            "--workers", "1", "--seed", "3")) == 0
+        runs[executor] = {e["trial"]: e for e in _events(work) if e["event"] in ("start", "end")}
+    ends = {x: [e for e in r.values() if e["event"] == "end"] for x, r in runs.items()}
+    starts = {x: [e["params"] for e in _events(tmp_path / x) if e["event"] == "start"] for x in runs}
+    assert starts["slurm"] == starts["local"] and len(starts["local"]) == 2
+    for local, job in zip(ends["local"], ends["slurm"]):
+        assert job["metric"] == pytest.approx(local["metric"], abs=1e-6)
+        assert job["val"]["loss"] == pytest.approx(local["val"]["loss"], rel=1e-4)  # the same training

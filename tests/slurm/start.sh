@@ -57,6 +57,9 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
+# Slurm's own record of every job (start, end, state), for the tests: no accounting database needed
+JobCompType=jobcomp/filetxt
+JobCompLoc=/var/log/slurm/jobcomp.log
 MpiDefault=none
 ReturnToService=2
 StateSaveLocation=/var/spool/slurmctld
