@@ -10,6 +10,7 @@ from configs.finetune import FinetuneSettings, load_tuning
 from configs.flags import build_parser as settings_parser
 from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
+from report.html import write_report
 from runtime.console import setup_logging
 from runtime.errors import as_user_error
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("Interrupted. Finished trials are kept in trials.jsonl; run the same command to continue.")
         return 130
     write_resolved(settings.workdir, "finetune", settings.model_copy(update={"metric": result.metric}))
+    write_report(settings.workdir)
     print(result.summary)
     print(f"Reports: {result.folder}/summary.md, search.png, best/, gradcam/ "
           f"(trials in {result.folder}/<backbone>@<res>/)")

@@ -10,6 +10,7 @@ from configs.flags import build_parser as settings_parser
 from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from configs.probe import ProbeSettings
+from report.html import write_report
 from runtime.console import setup_logging
 from runtime.errors import as_user_error
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if settings.report_only:
             print(refresh_leaderboard(settings.workdir).leaderboard)
+            write_report(settings.workdir)
             return 0
         result = run_probe(settings)
     except Exception as exc:
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The record says what was used: the selection metric as resolved, not "the default".
     write_resolved(settings.workdir, "probe", settings.model_copy(update={"metric": settings.selection_metric}))
+    write_report(settings.workdir)
     print(result.leaderboard)
     print(f"Results: {result.folder}/results.csv, results.json, leaderboard.md, heads/, confusion/, history/")
     return 0

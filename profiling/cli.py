@@ -10,6 +10,7 @@ from configs.flags import build_parser as settings_parser
 from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from configs.profiling import ProfilingSettings
+from report.html import write_report
 from runtime.console import setup_logging
 from runtime.errors import as_user_error
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if result["failures"] and not result["records"]:
         return 1
     write_resolved(settings.workdir, "profiling", settings)
+    write_report(settings.workdir)
     return 0
 
 

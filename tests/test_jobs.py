@@ -296,6 +296,7 @@ def _squeue_states(ids: list[str]) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm-finetune")  # Slurm's job log is read by job name
 def test_finetune_search_as_slurm_jobs_survives_a_killed_coordinator_and_a_cancelled_job(
         slurm, probed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from finetune.cli import main as finetune_main
@@ -342,6 +343,7 @@ def test_finetune_search_as_slurm_jobs_survives_a_killed_coordinator_and_a_cance
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm-finetune")  # Slurm's job log is read by job name
 def test_finetune_search_as_slurm_jobs_asks_and_trains_as_a_local_run(slurm, probed: Path, tmp_path: Path) -> None:
     from finetune.cli import main as finetune_main
 

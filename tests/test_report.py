@@ -1,0 +1,132 @@
+"""WORKDIR/report.html (issue #13): what it holds, and how it behaves in a real headless browser."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from configs.extract import ExtractSettings
+from configs.probe import ProbeSettings
+from extract.pipeline import extract_features
+from probe.pipeline import run_probe
+from report.html import REPORT, write_report
+from tests.test_probe import SMALL_GRID
+
+BACKBONES = ["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny random-weight backbones on the demo digits, probed: what stage one leaves."""
+    base = tmp_path_factory.mktemp("report")
+    work = base / "run"
+    extract_features(ExtractSettings(data="demo", backbones=BACKBONES, workdir=work, pretrained=False,
+                                     image_size=[48], workers=0, device="cpu", progress=False))
+    grid = base / "grid.yaml"
+    grid.write_text(SMALL_GRID)
+    run_probe(ProbeSettings(workdir=work, grid_file=grid, device="cpu", bootstrap=50, progress=False))
+    write_report(work)
+    return work
+
+
+def test_report_holds_the_dataset_the_leaderboard_and_every_image_embedded(workdir: Path) -> None:
+    html = (workdir / REPORT).read_text()
+    results = json.loads((workdir / "probe" / "results.json").read_text())
+    dataset = json.loads((workdir / "dataset.json").read_text())
+    rows = re.findall(r"<tr>\s*<td data-value=\"\d+\">", html)
+    assert len(rows) == len(results["leaderboard"]) == 2
+    for entry in results["leaderboard"]:
+        assert entry["backbone"] in html
+        assert f"{entry['val'][results['metric']]:.4f}" in html
+        low, high = entry["test_ci"][results["metric"]]
+        assert f"[{low:.3f}, {high:.3f}]" in html  # the CI is shown, not only the point estimate
+    assert str(dataset["counts"]["train"]["total"]) in html
+    assert 'id="random-weights"' in html  # random weights are said on the page itself
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == len(list((workdir / "probe" / "confusion").glob("*.png"))) - 1  # all but top.png
+    assert all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
+    # nothing is fetched from elsewhere: no remote script, style, image or font
+    assert not re.search(r'(src|href)="(https?:)?//', html)
+    assert "No profile yet" in html and "No fine-tuning yet" in html  # stages not run say so
+
+
+def test_a_broken_report_costs_a_warning_not_the_results(workdir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import report.html as report_module
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    before = (work / REPORT).read_text()
+    monkeypatch.setattr(report_module, "render", lambda _: 1 / 0)
+    assert write_report(work) is None
+    assert "report.html not refreshed (ZeroDivisionError" in caplog.text
+    assert (work / REPORT).read_text() == before  # the previous report stays whole
+
+
+def test_every_command_refreshes_the_report(workdir: Path, tmp_path: Path) -> None:
+    from probe.cli import main as probe_main
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    (work / REPORT).unlink()
+    assert probe_main(["--workdir", str(work), "--report-only"]) == 0
+    assert "Stage one: the probe leaderboard" in (work / REPORT).read_text()
+
+
+def _browser() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    problem = None if path else "no chromium on PATH; install it with `tests/browser/install.sh`"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problem = "playwright is not installed (pip install -e '.[dev]')"
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI installs the browser before the tests (.ci/run runs tests/browser/install.sh): {problem}")
+        pytest.skip(problem)
+    return path
+
+
+def test_report_in_a_real_headless_browser(workdir: Path, tmp_path: Path) -> None:
+    executable = _browser()
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((workdir / REPORT).as_uri())
+        assert errors == []
+        assert [u for u in requests if not u.startswith(("file://", "data:"))] == []  # no external request
+        images = page.evaluate("[...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        assert images and all(done and w > 0 and h > 0 for done, w, h in images)  # present and decoded
+        rows = page.locator("#leaderboard-table tbody tr")
+        assert rows.count() == len(BACKBONES)
+
+        def column(name: str) -> list[str]:
+            index = page.locator("#leaderboard-table thead th").all_inner_texts().index(name)
+            return [rows.nth(i).locator("td").nth(index).inner_text() for i in range(rows.count())]
+
+        header = page.locator("#leaderboard-table thead th", has_text="backbone")
+        header.click()
+        assert column("backbone") == sorted(column("backbone"))
+        header.click()
+        assert column("backbone") == sorted(column("backbone"), reverse=True)
+        page.locator("#leaderboard-table thead th", has_text="rank").click()
+        assert column("rank") == sorted(column("rank"), key=lambda t: int(t.split()[0]))
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert errors == []
