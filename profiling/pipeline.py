@@ -30,7 +30,7 @@ from extract.models import Weights, backbone_from_record, choose_weights, create
 from profiling.export import ExportError, append_head, export_onnx, matmul_flops, max_relative_error
 from profiling.flops import count_flops, count_parameters
 from profiling.latency import choose_providers, make_session, measure_eager, measure_onnxruntime, peak_matmul_gflops
-from profiling.pareto import plot_pareto
+from profiling.pareto import ParetoPoint, plot_pareto
 from runtime.console import format_table
 from runtime.device import pick_device
 from runtime.files import atomic_write_text, write_csv
@@ -219,14 +219,16 @@ def machine_info(device: torch.device, peak_gflops: float) -> dict[str, Any]:
                          "onnx": onnx.__version__}}
 
 
-def read_probe_scores(workdir: Path) -> tuple[str | None, dict[tuple[str, int], float]]:
-    """Validation metric per (backbone, size) from ``probe/results.json`` (a file: stages share files, not code)."""
+def read_probe_scores(workdir: Path) -> tuple[str | None, dict[tuple[str, int], tuple[float, list[float] | None]]]:
+    """Test metric and its 95% interval per (backbone, size) from ``probe/results.json`` (a file: stages share
+    files, not code)."""
     try:
         data = json.loads((workdir / "probe" / "results.json").read_text())
     except (OSError, ValueError):
         return None, {}
     metric = data.get("metric")
-    return metric, {(e["backbone"], int(e["image_size"])): e["val"][metric] for e in data.get("leaderboard", [])}
+    return metric, {(e["backbone"], int(e["image_size"])): (e["test"][metric], (e.get("test_ci") or {}).get(metric))
+                    for e in data.get("leaderboard", [])}
 
 
 def run_profiling(settings: ProfilingSettings) -> dict[str, Any]:
@@ -256,19 +258,19 @@ def run_profiling(settings: ProfilingSettings) -> dict[str, Any]:
     if records:
         write_csv(out / "performance.csv", records)
     metric, scores = read_probe_scores(workdir)
-    b1 = [r for r in records if r["batch_size"] == min(batch_sizes)]
+    b1 = [r for r in records if r["batch_size"] == min(batch_sizes) and (r["backbone"], r["image_size"]) in scores]
     pareto_path = None
     if b1:
-        have = [r for r in b1 if (r["backbone"], r["image_size"]) in scores]
-        if have:
-            label = f"validation {metric}"
-            values = [scores[(r["backbone"], r["image_size"])] for r in have]
-        else:
-            have, label, values = b1, "(run probe for accuracy: parameters, millions)", [r["params"] / 1e6 for r in b1]
-        pareto_path = plot_pareto([f"{r['backbone']}@{r['image_size']}" for r in have], values,
-                                  [r["p50_ms"] for r in have], [r["gflops"] for r in have], metric_label=label,
-                                  latency_label=f"ONNX Runtime p50 latency, ms ({have[0]['provider']}, batch {min(batch_sizes)})",
-                                  path=out / "pareto.png")
+        points = [ParetoPoint(name=f"{r['backbone']}@{r['image_size']}", score=scores[(r["backbone"], r["image_size"])][0],
+                              ci=scores[(r["backbone"], r["image_size"])][1], p50_ms=r["p50_ms"], p99_ms=r["p99_ms"],
+                              cv=r["cv"], noisy=r["noisy"], gflops=r["gflops"], architecture=r["model"])
+                  for r in b1]
+        pareto_path = plot_pareto(points, metric=metric, random_weights=any(r["weights"] == "random" for r in b1),
+                                  latency_label=f"ONNX Runtime latency, ms: p50, bar to p99 ({b1[0]['provider']}, "
+                                                f"batch {min(batch_sizes)})", path=out / "pareto.png")
+    elif records:
+        log.info("No pareto.png: it plots the probe's test metric, and %s has none for these backbones (run "
+                 "`python -m probe` first)", workdir / "probe" / "results.json")
     table = format_table([{
         "backbone": r["backbone"], "size": r["image_size"], "+head": "yes" if r["with_probe_head"] else "",
         "batch": r["batch_size"], "p50 ms": r["p50_ms"],
