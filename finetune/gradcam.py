@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,32 +85,56 @@ def gradcam_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int] 
 
 
 def save_gradcam_grid(images_rgb: Sequence[np.ndarray], maps: np.ndarray, titles: Sequence[str], path: Path,
-                      per_row: int = 4) -> Path:
-    """Original, heatmap and overlay of each image, ``per_row`` images to a row."""
+                      heading: str, wrong: Sequence[bool]) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = gradcam_figure(images_rgb, maps, titles, heading, wrong)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def gradcam_figure(images_rgb: Sequence[np.ndarray], maps: np.ndarray, titles: Sequence[str], heading: str,
+                   wrong: Sequence[bool]) -> Any:
+    """Original, heatmap and overlay of each image, four images to a row, under ``heading``; a wrong prediction
+    is framed in red; one colour bar for the maps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
+    per_row = 4
     n = len(images_rgb)
     rows = (n + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(3 * per_row * 1.6, rows * 1.9), squeeze=False)
+    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(3 * per_row * 1.6, rows * 1.9 + 0.9), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for i, (img, cam_map, title) in enumerate(zip(images_rgb, maps, titles)):
+    shown = None
+    for i, (img, cam_map, title, bad) in enumerate(zip(images_rgb, maps, titles, wrong)):
         r, c = divmod(i, per_row)
         rgb = np.asarray(img, dtype=np.float32) / 255.0
         overlay = show_cam_on_image(rgb, cam_map, use_rgb=True)
         for j, (picture, label) in enumerate(((img, title), (cam_map, "Grad-CAM"), (overlay, "overlay"))):
             ax = axes[r, 3 * c + j]
-            ax.imshow(picture, cmap="jet" if j == 1 else None, vmin=0 if j == 1 else None, vmax=1 if j == 1 else None)
-            ax.set_title(label, fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            image = ax.imshow(picture, cmap="jet" if j == 1 else None, vmin=0 if j == 1 else None,
+                              vmax=1 if j == 1 else None)
+            shown = image if j == 1 else shown
+            ax.set_title(label, fontsize=7, color="red" if bad and j == 0 else "black")
+            if bad:  # axis("off") hides the spines: show them again, red, around a wrong prediction
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("red")
+                    spine.set_linewidth(2.5)
+    fig.suptitle(heading, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.97, 1))
+    if shown is not None:
+        bar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.015, pad=0.01)
+        bar.set_label("Grad-CAM (0: none, 1: most)", fontsize=7)
+    return fig
 
 
 def pick_images(labels: Sequence[int], n: int) -> list[int]:
@@ -127,15 +152,15 @@ def pick_images(labels: Sequence[int], n: int) -> list[int]:
 
 
 def explain(model: nn.Module, images: Split, classes: Sequence[str], data_cfg: dict, path: Path, n: int = 20,
-            override: str | None = None, device: torch.device | None = None) -> Path:
+            override: str | None = None, heading: str = "") -> Path:
     """A Grad-CAM grid of ``n`` of ``images`` (what the model saw, its map, the overlay) for the predicted
-    classes."""
+    classes, on the device the model is on; ``heading`` says which model, weights and split."""
     paths, labels = images.paths, images.labels.tolist()
     import timm.data
 
     from runtime.images import load_rgb
 
-    device = device or torch.device("cpu")
+    device = next(model.parameters()).device
     model = for_gradcam(model)
     chosen = pick_images(labels, n)
     tf = timm.data.create_transform(**data_cfg, is_training=False)
@@ -148,4 +173,7 @@ def explain(model: nn.Module, images: Split, classes: Sequence[str], data_cfg: d
     std = torch.tensor(data_cfg["std"]).view(3, 1, 1)
     shown = [((xi * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8) for xi in x]
     titles = [f"true {classes[labels[i]]} / pred {classes[p]}" for i, p in zip(chosen, predicted)]
-    return save_gradcam_grid(shown, maps, titles, path)
+    wrong = [labels[i] != p for i, p in zip(chosen, predicted)]
+    heading = f"{heading}: " if heading else ""
+    heading += f"{len(chosen)} validation images, {sum(wrong)} predicted wrong (red)"
+    return save_gradcam_grid(shown, maps, titles, path, heading, wrong)

@@ -172,13 +172,16 @@ def _explain(target: Target, data: FinetuneData, tuning: TuningConfig, workdir: 
     override = next((layer for pattern, layer in tuning.gradcam.target_layers.items()
                      if fnmatch.fnmatch(target.record["model"], pattern) or fnmatch.fnmatch(target.record["backbone"], pattern)), None)
     kwargs = dict(images=data.splits["val"], classes=data.classes, data_cfg=target.data_config,
-                  n=tuning.gradcam.images, override=override, device=device)
+                  n=tuning.gradcam.images, override=override)
+    weights = "RANDOM weights" if target.record["weights"] == "random" else f"weights {target.record['weights']}"
     try:
         model, _ = load_checkpoint(Path(result["best_dir"]) / "best_model.pt")
-        result["gradcam"] = str(explain(model, path=out / f"{name}.png", **kwargs))
+        result["gradcam"] = str(explain(model.to(device), path=out / f"{name}.png", **kwargs,
+                                        heading=f"{target.name} fine-tuned (trial {result['best']['trial']}), {weights}"))
         if target.head_file is not None and target.head_file.is_file():
             probe_model, _ = load_classifier(target.head_file)  # a kNN head too: explain() scores its vote mass
-            result["gradcam_probe"] = str(explain(probe_model, path=out / f"{name}-probe.png", **kwargs))
+            result["gradcam_probe"] = str(explain(probe_model.to(device), path=out / f"{name}-probe.png", **kwargs,
+                                                  heading=f"{target.name} probe ({target.probe['head']}), {weights}"))
     except Exception as exc:  # an explanation must not cost the results
         log.warning("%s: Grad-CAM failed (%s: %s); set gradcam.target_layers for this architecture",
                     target.name, type(exc).__name__, exc)
@@ -215,7 +218,7 @@ def run_finetune(settings: FinetuneSettings, tuning: TuningConfig) -> FinetuneOu
         results.append(result)
         studies.append({"name": target.name, "optimizer": result["optimizer"], "trials": summary["trials"],
                         "probe_val": target.probe.get("val")})
-    plot_searches(studies, metric, out / "search.png")
+    plot_searches(studies, metric, out / "search.png", random_weights=any(r["weights"] == "random" for r in results))
     agreement, taus = stage_agreement(results, metric)
     text = render_summary(results, metric=metric, workdir=workdir, agreement=(agreement, taus),
                           random_weights=any(r["weights"] == "random" for r in results))

@@ -25,8 +25,9 @@ def _with_ci(value: float | None, ci: Sequence[float] | None) -> str:
     return f"{value:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def plot_searches(studies: Sequence[dict[str, Any]], metric: str, path: Path) -> Path:
-    """One panel per backbone: the validation metric of every trial, the best so far, the probe's value."""
+def plot_searches(studies: Sequence[dict[str, Any]], metric: str, path: Path, random_weights: bool = False) -> Path:
+    """One panel per backbone: the validation metric of every trial (the default configuration starred), the
+    best so far, the probe's value."""
     n = max(1, len(studies))
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.3), squeeze=False)
     higher = METRICS[metric]
@@ -37,6 +38,9 @@ def plot_searches(studies: Sequence[dict[str, Any]], metric: str, path: Path) ->
         if ok:
             xs, ys = zip(*ok)
             ax.scatter(xs, ys, s=18, label="trial", zorder=3)
+            default = [(x, y) for x, y in ok if x == 0]  # trial 0 is always the default configuration
+            if default:
+                ax.scatter(*zip(*default), s=110, marker="*", color="C2", label="default configuration", zorder=4)
             best, running = [], None
             for t in sorted(trials, key=lambda t: t["trial"]):
                 if t["status"] == "ok" and t["metric"] is not None:
@@ -55,6 +59,8 @@ def plot_searches(studies: Sequence[dict[str, Any]], metric: str, path: Path) ->
         ax.set_ylabel(f"val {metric}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if random_weights:
+        fig.suptitle("RANDOM WEIGHTS (--no-pretrained)", color="tab:red", fontsize=10, fontweight="bold")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

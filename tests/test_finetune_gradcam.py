@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from finetune.gradcam import gradcam_maps, save_gradcam_grid, target_layer
+from finetune.gradcam import gradcam_figure, gradcam_maps, save_gradcam_grid, target_layer
 
 
 def fit_briefly(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = 25) -> None:
@@ -68,8 +68,16 @@ def test_gradcam_on_a_probe_classifier(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="one target class per image"):
         gradcam_maps(model, images, classes=[1])
     rgb = [((img.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8) for img in images]
-    out = save_gradcam_grid(rgb, maps, ["a", "b"], tmp_path / "grid.png", per_row=2)
+    out = save_gradcam_grid(rgb, maps, ["a", "b"], tmp_path / "grid.png", "vit (random weights)", [False, True])
     assert out.stat().st_size > 5000
+    fig = gradcam_figure(rgb, maps, ["true a / pred a", "true b / pred c"], "vit (random weights)", [False, True])
+    assert fig._suptitle.get_text() == "vit (random weights)"
+    assert any(ax.get_ylabel().startswith("Grad-CAM") for ax in fig.axes)  # the colour bar
+    titled = {ax.get_title(): ax for ax in fig.axes if ax.get_title().startswith("true")}
+    assert titled["true b / pred c"].title.get_color() == "red" and titled["true a / pred a"].title.get_color() == "black"
+    assert all(sp.get_edgecolor()[:3] == (1.0, 0.0, 0.0) and sp.get_visible()
+               for sp in titled["true b / pred c"].spines.values())  # the wrong one is framed in red
+    assert not titled["true a / pred a"].axison
 
 
 def test_gradcam_on_a_knn_probe_classifier() -> None:
