@@ -78,6 +78,13 @@ class HeadConfig(Settings):
     def trainable(self) -> bool:
         return self.type != "knn"
 
+    def applicable(self) -> dict[str, Any]:
+        """Every field, ``None`` where it does not apply to this head type (results.csv leaves those empty)."""
+        used = {"knn": {"type", "k", "temperature"},
+                "mlp": set(type(self).model_fields) - {"k", "temperature"}}.get(
+            self.type, set(type(self).model_fields) - {"k", "temperature", "hidden"})
+        return {key: value if key in used else None for key, value in self.to_dict().items()}
+
     @property
     def name(self) -> str:
         """A short, unique, human-readable identifier."""

@@ -22,7 +22,6 @@ import timm.data
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from cache import schema
 from cache.reader import open_cache, read_key
@@ -31,6 +30,7 @@ from configs.extract import ExtractSettings
 from extract.backbones import BackboneSpec
 from extract.dataset import Dataset, decode_workers
 from extract.models import Weights, library_versions
+from runtime.console import progress
 from runtime.device import autocast, empty_cache, is_out_of_memory
 from runtime.images import load_rgb
 
@@ -290,8 +290,8 @@ def extract_one(
     forward = _Forward(model, device, store_maps, batch_size)
     sink = _BackgroundWriter(open_writer)
     row = start
-    bar = tqdm(total=len(plan), initial=start, desc=f"{spec.name}@{size}", unit="img", leave=False,
-               disable=not s.progress, dynamic_ncols=True)
+    bar = progress(total=len(plan), initial=start, desc=f"{spec.name}@{size}", unit="img", leave=False,
+                   enabled=s.progress)
     try:
         for batch in loader:
             pooled, maps = forward(batch)

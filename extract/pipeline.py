@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from cache import cache_path
 from configs.extract import ExtractSettings
@@ -17,6 +16,7 @@ from extract.backbones import BackboneSpec, load_sets, resolve_backbones
 from extract.dataset import Dataset, dataset_for
 from extract.extractor import ExtractResult, extract_one
 from extract.models import Weights, choose_weights, create_backbone, preprocessing
+from runtime.console import progress
 from runtime.device import pick_device
 from runtime.locks import exclusive
 
@@ -78,8 +78,7 @@ def extract_features(settings: ExtractSettings, dataset: Dataset | None = None) 
     dev = pick_device(s.device)
     log.info("Extracting %d cache(s) (%d backbone(s)) on %s", len(units), len({u.spec.name for u in units}), dev)
     results: list[ExtractResult] = []
-    outer = tqdm(total=len(units), desc="backbones", unit="cache",
-                 disable=not s.progress or len(units) < 2, dynamic_ncols=True)
+    outer = progress(total=len(units), desc="backbones", unit="cache", enabled=s.progress and len(units) > 1)
     loaded: dict[str, tuple] = {}
     for unit in units:
         if loaded and not next(iter(loaded)).startswith(f"{unit.spec.name}|"):

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from cache import CacheError, check_same_dataset
 from configs.finetune import FinetuneSettings, TuningConfig
@@ -28,7 +27,7 @@ from finetune.trainer import TrialSetup, run_trial
 from probe.classifier import load_classifier
 from probe.metrics import METRICS
 from profiling.export import ExportError
-from runtime.console import format_table
+from runtime.console import format_table, progress
 from runtime.device import pick_device
 from runtime.files import atomic_write_text
 from runtime.locks import exclusive
@@ -87,8 +86,7 @@ def _search(target: Target, data: FinetuneData, tuning: TuningConfig, folder: Pa
     s, metric = settings, setup.metric
     study = Study(folder, tuning, optimizer=s.optimizer, ng_optimizer=s.ng_optimizer, budget=s.budget,
                   workers=s.workers, metric=metric, seed=s.seed)
-    bar = tqdm(total=study.budget, desc=f"{target.name} trials", unit="trial", disable=not s.progress,
-               dynamic_ncols=True)
+    bar = progress(total=study.budget, desc=f"{target.name} trials", unit="trial", enabled=s.progress)
 
     def objective(n: int, point: dict[str, Any], stop: Any):
         trial_setup = replace(setup, seed=setup.seed + n, progress=s.progress and s.workers == 1)

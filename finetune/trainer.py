@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from configs.finetune import TrialParams, TuningConfig
 from finetune.blocks import backbone_blocks
@@ -32,6 +31,7 @@ from finetune.model import Target, build_classifier, save_checkpoint
 from finetune.unfreeze import ProgressiveUnfreezer, default_schedule, stage_span
 from probe.metrics import METRICS, fast_metric
 from probe.train import class_weights
+from runtime.console import progress
 from runtime.device import autocast, empty_cache, is_out_of_memory
 from runtime.errors import is_storage_failure
 from runtime.files import save_torch, write_csv
@@ -199,8 +199,8 @@ class _Trial:
                               workers=self.data_workers, seed=self.seed * 1000 + epoch, pin_memory=self.cuda)
         steps = len(loader)
         total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"  epoch {epoch + 1}/{self.opts.epochs}", unit="batch", leave=False,
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = progress(loader, desc=f"  epoch {epoch + 1}/{self.opts.epochs}", unit="batch", leave=False,
+                       enabled=self.progress)
         for step, (x, y) in enumerate(bar):
             self._check_stop()
             self._set_lr(epoch, step, steps)

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
-from tqdm.auto import tqdm
 
 from cache import CacheError, check_same_dataset, list_caches, open_cache
 from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
@@ -25,7 +24,7 @@ from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k
 from probe.plots import plot_confusion, plot_confusion_grid
 from probe.train import Examples, Fit, TrainedHead, predict_proba, train_grid
 from probe.transferability import knn_loo_accuracy, logme
-from runtime.console import format_table
+from runtime.console import format_table, progress
 from runtime.device import pick_device
 from runtime.files import atomic_write_text, new_version, publish, save_torch, write_csv
 from runtime.locks import exclusive
@@ -165,7 +164,7 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     for i, t in enumerate(trained):
         val_m = compute_metrics(val.labels, t.val_proba, top_k=k)
         row: dict[str, Any] = {"backbone": info["backbone"], "image_size": info["image_size"], "head": t.config.name,
-                               **{f"cfg_{key}": v for key, v in t.config.to_dict().items()},
+                               **{f"cfg_{key}": v for key, v in t.config.applicable().items()},
                                "best_epoch": t.best_epoch, "chosen": i == best,
                                **{f"val_{m}": val_m[m] for m in METRIC_NAMES}}
         if cv is not None:
@@ -281,7 +280,7 @@ def _probe_all(paths: list[Path], head_grid: Grid, s: ProbeSettings, dev: torch.
                ) -> tuple[list[dict[str, Any]], str]:
     metric, grid, n_heads = s.selection_metric, s.grid, len(head_grid.heads) if s.grid else 1
     entries, rows = [], []
-    for path in tqdm(paths, desc="caches", unit="cache", disable=not s.progress or len(paths) < 2, dynamic_ncols=True):
+    for path in progress(paths, desc="caches", unit="cache", enabled=s.progress and len(paths) > 1):
         entry, r = probe_cache(path, head_grid, s, dev, out)
         entries.append(entry)
         rows += r

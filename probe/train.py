@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.adam import adam
-from tqdm.auto import tqdm
 
 from configs.probe import GridTraining, HeadConfig
 from probe.heads import build_head
 from probe.metrics import METRICS, fast_metric
+from runtime.console import progress as progress_bar
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -256,7 +256,7 @@ def train_grid(
         history: dict[int, list[dict[str, Any]]] = {i: [] for i in trainable}
         max_epochs = max(configs[i].epochs for i in trainable)
         step = 0
-        bar = tqdm(total=max_epochs, desc=desc, unit="epoch", leave=False, disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=max_epochs, desc=desc, unit="epoch", leave=False, enabled=progress)
         for epoch in range(1, max_epochs + 1):
             t0 = time.perf_counter()
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)

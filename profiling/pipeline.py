@@ -19,7 +19,6 @@ import timm
 import timm.data
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from cache import CacheError, check_same_dataset, dataset_record, list_caches, open_cache
 from cache.schema import safe_name
@@ -31,7 +30,7 @@ from profiling.export import ExportError, append_head, export_onnx, matmul_flops
 from profiling.flops import count_flops, count_parameters
 from profiling.latency import choose_providers, make_session, measure_eager, measure_onnxruntime, peak_matmul_gflops
 from profiling.pareto import ParetoPoint, plot_pareto
-from runtime.console import format_table
+from runtime.console import format_table, progress
 from runtime.device import pick_device
 from runtime.files import atomic_write_text, write_csv
 from runtime.images import IMAGE_SUFFIXES, load_rgb
@@ -128,7 +127,7 @@ def measure_here(targets: list[ProfileTarget], settings: ProfilingSettings
              list(s.batch_sizes), peak)
     machine = machine_info(dev, peak)
     records, failures = [], []
-    for target in tqdm(targets, desc="profiling", unit="model", disable=not s.progress, dynamic_ncols=True):
+    for target in progress(targets, desc="profiling", unit="model", enabled=s.progress):
         t0 = time.perf_counter()
         try:
             # each record says where it was measured (jobs may run on several nodes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,33 @@ class _TqdmHandler(logging.Handler):
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # logging must never raise into the caller
             self.handleError(record)
+
+
+class _LogBar(tqdm):
+    """A progress bar for a log file: a plain line (count, rate, time left) every ``mininterval`` seconds and
+    at the end, through logging — no carriage returns, no redraws."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("mininterval", 30.0)
+        # its own output goes nowhere (display() logs instead), and tqdm.write() leaves a bar on another file alone
+        kwargs.update(bar_format="{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]",
+                      dynamic_ncols=False, file=io.StringIO())
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if not self.disable and self.n:
+            logging.getLogger("progress").info("%s", self.format_meter(**self.format_dict))
+        return True
+
+
+def progress(iterable: Any = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """tqdm's bar on a terminal; plain log lines when stderr is a file (a batch job's log); nothing when not
+    ``enabled`` (--no-progress)."""
+    if not enabled:
+        return tqdm(iterable, disable=True, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(iterable, dynamic_ncols=True, **kwargs)
+    return _LogBar(iterable, **kwargs)
 
 
 def setup_logging(verbosity: int = 0) -> None:

@@ -315,6 +315,15 @@ def test_probe_outputs_and_reload(workdir: Path, grid_file: Path, tmp_path: Path
     assert len(chosen) == 2 and all("test_macro_f1" in r and "test_macro_f1_ci_low" in r for r in chosen)
     assert all("test_macro_f1" not in r for r in results["rows"] if not r["chosen"] and r["cfg_type"] != "logreg")
     assert (out / "results.csv").read_text().count("\n") == 1 + 24
+    import csv
+
+    by_type = {}
+    for row in csv.DictReader((out / "results.csv").open()):
+        by_type.setdefault(row["cfg_type"], row)
+    # a field that does not apply to a head type is left empty, not filled with its default
+    assert by_type["linear"]["cfg_k"] == by_type["linear"]["cfg_temperature"] == by_type["linear"]["cfg_hidden"] == ""
+    assert by_type["linear"]["cfg_lr"] != "" and by_type["mlp"]["cfg_hidden"] == "[32]"
+    assert by_type["knn"]["cfg_lr"] == by_type["knn"]["cfg_epochs"] == "" and by_type["knn"]["cfg_k"] in ("1", "10")
     board = (out / "leaderboard.md").read_text()
     assert "| 1    |" in board and "logreg" in board
     for name in ("test_resnet.r160_in1k@48", "test_efficientnet.r160_in1k@48"):
