@@ -28,6 +28,7 @@ demo: setup
 	$(PY) -m profiling --config configs/demo.yaml
 	$(PY) -m probe --config configs/demo.yaml --report-only
 	$(PY) -m finetune --config configs/demo.yaml
+	@echo "Report (open it in a browser): $(CURDIR)/runs/demo/report.html"
 	@echo "Demo outputs in runs/demo/: probe/leaderboard.md, probe/results.csv, probe/confusion/, profiling/performance.csv, profiling/pareto.png, finetune/summary.md, finetune/search.png, finetune/best/, finetune/gradcam/"
 
 bench: setup

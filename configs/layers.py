@@ -2,7 +2,8 @@
 
 A config file has one section per command; ``workdir`` may also stand at the top level, where it
 applies to every command, and so may ``executor:``, the Slurm parameters of every command that runs
-jobs (``configs/executor.py``; a command's own ``slurm:`` overrides its keys)::
+jobs (``configs/executor.py``; a command's own ``slurm:`` overrides its keys), and ``tracking:
+{mlflow_uri: ...}``, every command's ``mlflow``::
 
     workdir: runs/digits
     executor: {partition: cpu, time: 60}
@@ -31,7 +32,7 @@ from runtime.files import atomic_write_text
 from runtime.locks import exclusive
 
 COMMANDS = ("extract", "probe", "profiling", "finetune")
-SHARED_TOP_LEVEL = ("workdir", "executor")
+SHARED_TOP_LEVEL = ("workdir", "executor", "tracking")
 
 S = TypeVar("S", bound=Settings)
 
@@ -52,6 +53,12 @@ def file_section(path: Path, section: str, runs_jobs: bool = False) -> dict[str,
     if not isinstance(body, dict):
         raise ConfigError(f"{path}: section '{section}' must be a mapping of keys")
     shared = {"workdir": data["workdir"]} if "workdir" in data else {}
+    if "tracking" in data:
+        tracking = data["tracking"]
+        if not isinstance(tracking, dict) or set(tracking) - {"mlflow_uri"}:
+            raise ConfigError(f"{path}: tracking: a mapping with one key, mlflow_uri (e.g. "
+                              "{mlflow_uri: file:///data/mlruns}); got " + repr(tracking))
+        shared["mlflow"] = tracking.get("mlflow_uri")
     if "executor" in data and runs_jobs:
         top = data["executor"] or {}
         if not isinstance(top, dict):

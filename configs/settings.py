@@ -72,6 +72,10 @@ class CommandSettings(Settings):
     hdf5_locking: bool = Field(True, description="HDF5's own file locking; --no-hdf5-locking on file systems "
                                "where it fails (Lustre, some NFS): the project's own locks still keep two "
                                "processes apart")
+    mlflow: str | None = Field(None, description="also log the settings, metrics and artifacts to this MLflow "
+                               "tracking URI (file:///path/mlruns, http://host:5000, sqlite:///mlflow.db); config "
+                               "file: this key or the top-level 'tracking: {mlflow_uri: ...}'",
+                               json_schema_extra={"default_text": "off"})
 
     def apply_environment(self) -> None:
         """Set what the libraries read from the environment (HDF5 reads HDF5_USE_FILE_LOCKING at each open)."""

@@ -11,6 +11,7 @@ from configs.flags import build_parser as settings_parser
 from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from report.html import write_report
+from report.tracking import track
 from runtime.console import format_table, setup_logging
 from runtime.errors import as_user_error
 from runtime.jobs import JobsFailed
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     write_resolved(settings.workdir, "extract", used)
     write_report(settings.workdir)
+    track(settings, "extract")
     print(format_table([r.as_row() for r in results], COLUMNS))
     print(f"\n{len(results)} cache(s) in {settings.workdir / 'features'}; "
           f"dataset summary in {settings.workdir / 'dataset.json'}")

@@ -11,6 +11,7 @@ from configs.flags import build_parser as settings_parser
 from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from report.html import write_report
+from report.tracking import track
 from runtime.console import setup_logging
 from runtime.errors import as_user_error
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     write_resolved(settings.workdir, "finetune", settings.model_copy(update={"metric": result.metric}))
     write_report(settings.workdir)
+    track(settings, "finetune")
     print(result.summary)
     print(f"Reports: {result.folder}/summary.md, search.png, best/, gradcam/ "
           f"(trials in {result.folder}/<backbone>@<res>/)")

@@ -11,6 +11,7 @@ from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from configs.probe import ProbeSettings
 from report.html import write_report
+from report.tracking import track
 from runtime.console import setup_logging
 from runtime.errors import as_user_error
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     # The record says what was used: the selection metric as resolved, not "the default".
     write_resolved(settings.workdir, "probe", settings.model_copy(update={"metric": settings.selection_metric}))
     write_report(settings.workdir)
+    track(settings, "probe")
     print(result.leaderboard)
     print(f"Results: {result.folder}/results.csv, results.json, leaderboard.md, heads/, confusion/, history/")
     return 0

@@ -11,6 +11,7 @@ from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
 from configs.profiling import ProfilingSettings
 from report.html import write_report
+from report.tracking import track
 from runtime.console import setup_logging
 from runtime.errors import as_user_error
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     write_resolved(settings.workdir, "profiling", settings)
     write_report(settings.workdir)
+    track(settings, "profiling")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -216,10 +217,23 @@ def test_command_end_to_end_and_rerun_continues(workdir: Path, tmp_path: Path, c
 
     config.write_text(yaml.safe_dump({"finetune": {"top": 1, "budget": 2, "search": SEARCH, "bootstrap": 50,
                                                    "data_workers": 0}}))
+    mlruns = (tmp_path / "mlruns").as_uri()
     args = ["--workdir", str(work), "--config", str(config), "--no-progress"]
-    assert finetune_main(args) == 0
+    assert finetune_main([*args, "--mlflow", mlruns]) == 0
     out = work / "finetune"
     slug = "test_resnet.r160_in1k@48"
+    # MLflow: every trial's epochs as metric history, the best trial's test metric, the ONNX model as an artifact
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlruns)
+    (run,) = client.search_runs([client.get_experiment_by_name("backbone-bench/run").experiment_id])
+    epochs = [int(r["epoch"]) for r in csv.DictReader((out / slug / "trial-001" / "metrics.csv").open())]
+    history = client.get_metric_history(run.info.run_id, "test_resnet.r160_in1k/48px/trial-001/val_macro_f1")
+    assert sorted(m.step for m in history) == epochs and len(epochs) >= 2
+    tested = json.loads((out / "best" / slug / "metrics.json").read_text())["test"]["macro_f1"]
+    assert run.data.metrics["test_resnet.r160_in1k/48px/best/test_macro_f1"] == pytest.approx(tested)
+    assert "model.onnx" in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, f"finetune/best/{slug}")}
     for rel in (f"{slug}/trials.jsonl", f"{slug}/study.json", f"{slug}/trial-000/config.json",
                 f"{slug}/trial-000/metrics.csv", f"{slug}/trial-000/best_model.pt", f"{slug}/trial-001/config.json",
                 f"best/{slug}/best_model.pt", f"best/{slug}/metrics.json", f"best/{slug}/confusion.png",

@@ -130,3 +130,70 @@ def test_report_in_a_real_headless_browser(workdir: Path, tmp_path: Path) -> Non
         browser.close()
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert errors == []
+
+
+# --- MLflow -------------------------------------------------------------------------------------------------------
+
+def _mlflow_client(uri: str):
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_probe_run_is_logged_to_mlflow_and_reads_back(workdir: Path, tmp_path: Path) -> None:
+    from report.tracking import track
+
+    uri = (tmp_path / "mlruns").as_uri()
+    run_id = track(ProbeSettings(workdir=workdir, mlflow=uri), "probe")
+    client = _mlflow_client(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["command"] == "probe"
+    assert run.data.params["metric"] == "None" and run.data.params["bootstrap"] == "1000"  # the settings, flat
+    results = json.loads((workdir / "probe" / "results.json").read_text())
+    metric = results["metric"]
+    for entry in results["leaderboard"]:
+        unit = f"{entry['backbone']}/{entry['image_size']}px"
+        assert run.data.metrics[f"{unit}/chosen/val_{metric}"] == pytest.approx(entry["val"][metric])
+        assert run.data.metrics[f"{unit}/chosen/test_{metric}_ci_low"] == pytest.approx(entry["test_ci"][metric][0])
+        heads = [r for r in results["rows"] if r["backbone"] == entry["backbone"] and r.get(f"val_{metric}") is not None]
+        assert all(f"{unit}/{r['head']}/val_{metric}" in run.data.metrics for r in heads)  # every head of the grid
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"report.html", "dataset.json", "probe"} <= artifacts  # (config.yaml too, once a command wrote it)
+    assert {"probe/leaderboard.md", "probe/results.csv", "probe/confusion"} <= {
+        a.path for a in client.list_artifacts(run_id, "probe")}
+
+
+def test_tracking_is_off_by_default_and_a_dead_server_costs_a_warning(workdir: Path,
+                                                                     caplog: pytest.LogCaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys as _sys
+
+    from report.tracking import track
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+    assert track(ProbeSettings(workdir=workdir), "probe") is None
+    assert track(ProbeSettings(workdir=workdir, mlflow="http://127.0.0.1:9"), "probe") is None
+    assert "the probe run was not logged" in caplog.text and "are complete" in caplog.text
+    assert "mlflow" in _sys.modules  # imported only once asked for (checked in a fresh process below)
+
+
+def test_tracking_from_the_config_file_top_level(tmp_path: Path) -> None:
+    import subprocess
+    import sys as _sys
+
+    from configs.layers import resolve
+
+    config = tmp_path / "exp.yaml"
+    config.write_text("tracking: {mlflow_uri: file:///tmp/mlruns}\nprobe: {metric: qwk}\n")
+    assert resolve(ProbeSettings, "probe", config).mlflow == "file:///tmp/mlruns"
+    config.write_text("tracking: {mlflow: x}\n")
+    from configs.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="tracking: a mapping with one key, mlflow_uri"):
+        resolve(ProbeSettings, "probe", config)
+    # without --mlflow, a command never imports it
+    code = "import sys, probe.cli, report.tracking; sys.exit('mlflow' in sys.modules)"
+    assert subprocess.run([_sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
