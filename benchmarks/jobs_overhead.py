@@ -80,8 +80,8 @@ def main() -> int:
     times = empty_jobs(base, args.repeats, args.cpus_per_task)
     to_run = statistics.median(t for t, _ in times)
     to_done = statistics.median(t for _, t in times)
-    print(f"(a) empty job, median of {args.repeats}: submit -> running {to_run:.1f} s, submit -> done "
-          f"{to_done:.1f} s (Slurm's StartTime has 1 s resolution)")
+    running = f"{to_run:.1f} s" if to_run >= 1 else "< 1 s"  # Slurm's StartTime is in whole seconds
+    print(f"(a) empty job, median of {args.repeats}: submit -> running {running}, submit -> done {to_done:.1f} s")
 
     runs = {}
     for name, executor, max_jobs in (("local", "local", 0), ("1 job", "slurm", 1), ("2 jobs", "slurm", 2)):

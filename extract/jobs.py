@@ -17,7 +17,7 @@ from configs.extract import ExtractSettings
 from extract.dataset import Dataset
 from extract.extractor import ExtractResult, cache_key, check_existing
 from extract.pipeline import Unit, extract_unit
-from runtime.jobs import Job, JobsFailed, run_jobs
+from runtime.jobs import Job, JobsFailed, run_jobs, start_job
 from runtime.locks import Busy, exclusive
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,9 @@ log = logging.getLogger(__name__)
 def extract_job(unit: Unit, dataset: Dataset, settings: ExtractSettings) -> ExtractResult:
     """What one job runs (in a fresh process on some node)."""
     from extract.models import create_backbone
-    from runtime.console import setup_logging
     from runtime.device import pick_device
 
-    setup_logging(0)
+    start_job()
     settings.apply_environment()
     return extract_unit(unit, lambda: create_backbone(unit.spec, unit.weights, **unit.size_kwargs), dataset,
                         pick_device(settings.device), settings)

@@ -26,7 +26,7 @@ from configs.finetune import FinetuneSettings, TuningConfig
 from finetune.model import Target
 from finetune.trainer import TrialOutcome, TrialSetup
 from runtime.files import atomic_write_text
-from runtime.jobs import Job, JobPool
+from runtime.jobs import Job, JobPool, start_job
 from runtime.locks import exclusive
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,9 @@ def run_trial_job(job: TrialJob) -> dict[str, Any]:
     """What one job runs (in a fresh process on some node); returns the trial's outcome as a dict."""
     from finetune.data import load_data
     from finetune.trainer import run_trial
-    from runtime.console import setup_logging
     from runtime.device import pick_device
 
-    setup_logging(0)
+    start_job()
     # A second job for the same trial (a resubmission racing a job thought lost) waits, then finds the outcome.
     with exclusive(job.workdir, f"trial-{job.folder.parent.name}-{job.folder.name}", wait=True):
         path = job.folder / OUTCOME

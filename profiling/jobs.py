@@ -13,7 +13,7 @@ from typing import Any
 
 from configs.profiling import ProfilingSettings
 from profiling.pipeline import ProfileTarget, measure_here
-from runtime.jobs import Job, run_jobs
+from runtime.jobs import Job, run_jobs, start_job
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +21,8 @@ log = logging.getLogger(__name__)
 def profile_job(target: ProfileTarget, settings: ProfilingSettings
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """What one job runs (in a fresh process on some node)."""
-    from runtime.console import setup_logging
 
-    setup_logging(0)
+    start_job()
     settings.apply_environment()
     return measure_here([target], settings)
 

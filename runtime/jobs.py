@@ -88,6 +88,20 @@ def job_folder(workdir: Path) -> Path:
     return Path(workdir) / "jobs"
 
 
+def start_job() -> None:
+    """What every job runs first: logging for its log file, and torch's threads limited to the CPUs Slurm
+    allocated (torch would take every core of the node, oversubscribing the jobs that share it)."""
+    from runtime.console import setup_logging
+
+    setup_logging(0)
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit():
+        import torch
+
+        torch.set_num_threads(int(cpus))
+        log.info("torch uses the %s CPU(s) Slurm allocated", cpus)
+
+
 def _visible_gpus(settings: JobOptions) -> tuple[int, ...]:
     if settings.gpus:
         return settings.gpus
