@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(VENV)/bin/ruff check .
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist loadgroup
 
 demo: setup
 	$(PY) -m extract --config configs/demo.yaml $(DEMO_WEIGHTS)

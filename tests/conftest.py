@@ -11,11 +11,12 @@ from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    # pytest-xdist: the cores are shared between the workers; torch (imported after this) takes its thread
-    # count from here, and so do the commands and jobs the tests start (they inherit the environment).
-    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, str(_share))
+    # pytest-xdist: the workers share the cores. torch.set_num_threads, not OMP_NUM_THREADS: with that variable
+    # set at import, oneDNN takes other kernels, and a cache extracted here would no longer be bit-identical to
+    # one extracted by a job (which sets its threads the same way, runtime.jobs.start_job).
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 CLASSES = ("cat", "dog", "fox")
 

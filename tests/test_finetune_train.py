@@ -62,13 +62,13 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return probed_workdir(tmp_path_factory.mktemp("finetune"))
 
 
-def probed_workdir(base: Path) -> Path:
+def probed_workdir(base: Path, backbone: str = "test_resnet.r160_in1k") -> Path:
     """extract (float32 cache, so logits compare tightly) and probe, as stage one leaves them."""
     data = blob_images(base / "images")
     grid = base / "grid.yaml"
     grid.write_text(GRID)
     work = base / "run"
-    extract_features(ExtractSettings(data=str(data), backbones=["test_resnet.r160_in1k"], workdir=work,
+    extract_features(ExtractSettings(data=str(data), backbones=[backbone], workdir=work,
                                      pretrained=False, image_size=[48], batch_size=16, workers=0, device="cpu",
                                      progress=False, dtype="float32"))
     run_probe(ProbeSettings(workdir=work, grid_file=grid, device="cpu", bootstrap=50, progress=False))
@@ -352,6 +352,24 @@ def test_image_epoch_at_learning_rate_zero_keeps_the_cache_path_metric(target_an
     for row in rows[1:]:
         assert float(row["val_macro_f1"]) == pytest.approx(cache_f1, abs=1e-9)
         assert float(row["val_loss"]) == pytest.approx(cache_loss, rel=1e-4)
+
+
+def test_layernorm_family_image_epoch_at_learning_rate_zero_keeps_the_cache_path_metric(
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same default for a ViT (LayerNorm: no running statistics to drift; dropout and drop-path are what
+    # train mode changes, and they are off here).
+    work = probed_workdir(tmp_path_factory.mktemp("vit"), "test_vit.r160_in1k")
+    targets, metric = select_targets(work, top=1, backbones=None, metric=None)
+    monkeypatch.setattr(trainer_module, "stage_lr_factor", lambda *a, **k: 0.0)
+    folder = tmp_path_factory.mktemp("vit-trial") / "t"
+    outcome = trial((targets[0], load_data(work, targets[0].cache), metric), folder, augment=NO_AUGMENT,
+                    defaults={**SEARCH["defaults"], "drop_path_rate": 0.0}, space={})
+    assert outcome.status == "ok", outcome.reason
+    rows = _history(folder)
+    assert [r["source"] for r in rows] == ["cache", "images", "images"]
+    for row in rows[1:]:
+        assert float(row["val_macro_f1"]) == pytest.approx(float(rows[0]["val_macro_f1"]), abs=1e-9)
+        assert float(row["val_loss"]) == pytest.approx(float(rows[0]["val_loss"]), rel=1e-4)
 
 
 def test_image_epoch_at_a_tiny_learning_rate_moves_by_no_more_than_noise(target_and_data, tmp_path: Path) -> None:

@@ -205,6 +205,50 @@ def test_a_job_slurm_kills_is_a_failed_outcome_with_its_log(slurm, tmp_path: Pat
     assert "CANCELLED before writing a result" in outcome.error and outcome.log is not None
 
 
+def _cancel_when_running(name: str) -> threading.Thread:
+    def cancel() -> None:
+        for _ in range(240):
+            ids = subprocess.run(["squeue", "-h", "-n", name, "-t", "RUNNING", "-o", "%i"], capture_output=True,
+                                 text=True).stdout.split()
+            if ids:
+                time.sleep(1)
+                subprocess.run(["scancel", *ids], check=True)
+                return
+            time.sleep(0.25)
+
+    thread = threading.Thread(target=cancel, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_an_extract_job_slurm_cancels_is_reported_with_its_log_and_the_next_run_resubmits_it(
+        slurm, image_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture) -> None:
+    from extract.cli import main as extract_main
+
+    work = tmp_path / "run"
+    config = tmp_path / "exp.yaml"
+    config.write_text("executor: {cpus_per_task: 1, time: 5}\n")
+    args = ["--config", str(config), "--data", str(image_folder), "--backbones", "test_resnet.r160_in1k",
+            "--no-pretrained", "--image-size", "64", "--workdir", str(work), "--device", "cpu", "--workers", "0",
+            "--no-progress", "--executor", "slurm"]
+    canceller = _cancel_when_running("bb-test_resnet.r160_in1k@64")
+    assert extract_main(args) == 1
+    canceller.join()
+    assert "failed" in capsys.readouterr().out  # the usual table, its row failed
+    lines = [r.getMessage() for r in caplog.records if "CANCELLED" in r.getMessage() and "(log: " in r.getMessage()]
+    assert lines and lines[-1].startswith("test_resnet.r160_in1k@64: job ")  # the error line after the table
+    log_path = Path(lines[-1].rsplit("(log: ", 1)[1].rstrip(")"))
+    assert log_path.is_file() and log_path.is_relative_to(work / "jobs")
+    assert not (work / "features" / "test_resnet.r160_in1k@64.h5").exists()
+    jobs_before = {d.name for d in (work / "jobs").iterdir() if d.is_dir()}
+    assert extract_main(args) == 0  # submitted again, and complete this time
+    assert len({d.name for d in (work / "jobs").iterdir() if d.is_dir()} - jobs_before) == 1
+    with open_cache(work / "features" / "test_resnet.r160_in1k@64.h5") as cache:
+        assert cache.num_rows > 0
+
+
 @pytest.mark.slow
 def test_extract_and_profiling_as_slurm_jobs_match_local_runs_and_a_rerun_submits_nothing(
         slurm, image_folder: Path, extract_kwargs: dict, tmp_path: Path) -> None:
@@ -214,7 +258,16 @@ def test_extract_and_profiling_as_slurm_jobs_match_local_runs_and_a_rerun_submit
     names = "test_resnet.r160_in1k,test_efficientnet.r160_in1k"
     local = ExtractSettings(data=str(image_folder), **{**extract_kwargs, "backbones": names.split(","),
                                                        "workdir": tmp_path / "local"})
-    extract_features(local)
+    import torch
+
+    # Bit-identical at the same thread count: each job uses the CPUs it was given (cpus_per_task, 2 by default);
+    # oneDNN's reductions are split by thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SlurmOptions().cpus_per_task)
+    try:
+        extract_features(local)
+    finally:
+        torch.set_num_threads(threads)
     work = tmp_path / "cluster"
     args = ["--data", str(image_folder), "--backbones", names, "--no-pretrained", "--image-size", "64",
             "--workdir", str(work), "--device", "cpu", "--workers", "0", "--no-progress", "--executor", "slurm",
