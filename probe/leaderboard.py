@@ -82,7 +82,10 @@ def leaderboard_rows(ranked: Sequence[dict[str, Any]], metric: str, profiling: d
         if e.get("cv"):
             row[f"cv {metric}"] = f"{fmt_number(e['cv']['mean'])} ± {fmt_number(e['cv']['std'])}"
         if e.get("logreg"):
-            row[f"logreg val/test {metric}"] = f"{fmt_number(e['logreg']['val'][metric])} / {fmt_number(e['logreg']['test'][metric])}"
+            ci = (e["logreg"].get("test_ci") or {}).get(metric)
+            row[f"logreg val/test {metric}"] = (f"{fmt_number(e['logreg']['val'][metric])} / "
+                                                 f"{fmt_number(e['logreg']['test'][metric])}"
+                                                 + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
         row["params (M)"] = fmt_number(e["params"] / 1e6, 2) if e.get("params") else ""
         prof = profiling.get((e["backbone"], e["image_size"]))
         if profiling:

@@ -181,12 +181,17 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     if settings.baseline == "logreg":
         lr = logreg_baseline(train.features, train.labels, val.features, val.labels, metric=metric, num_classes=c)
         lr_val = compute_metrics(val.labels, lr.predict_proba(val.features), top_k=k)
-        lr_test = compute_metrics(test.labels, lr.predict_proba(test.features), top_k=k)
-        logreg = {"C": lr.C, "val": lr_val, "test": lr_test}
+        lr_proba = lr.predict_proba(test.features)
+        lr_test = compute_metrics(test.labels, lr_proba, top_k=k)
+        # the baseline's test metrics get intervals like the chosen head's (same resamples: same seed)
+        lr_ci = bootstrap_ci(test.labels, lr_proba, n_boot=settings.bootstrap, seed=seed, top_k=k)
+        logreg = {"C": lr.C, "val": lr_val, "test": lr_test, "test_ci": lr_ci}
         rows.append({"backbone": info["backbone"], "image_size": info["image_size"], "head": f"logreg-C{lr.C:g}",
                      "cfg_type": "logreg", "chosen": False, **{f"val_{m}": lr_val[m] for m in METRIC_NAMES},
-                     **{f"test_{m}": lr_test[m] for m in METRIC_NAMES}, "seed": seed, "weights": info["weights"],
-                     "cache": info["cache"]})
+                     **{f"test_{m}": lr_test[m] for m in METRIC_NAMES},
+                     **{f"test_{m}_ci_{side}": lr_ci[m][i] for m in lr_ci for i, side in enumerate(("low", "high"))
+                        if lr_ci[m] is not None},
+                     "seed": seed, "weights": info["weights"], "cache": info["cache"]})
 
     # The chosen head, loadable on its backbone with torch.load(weights_only=True).
     head_path = out / "heads" / f"{name}.pt"
@@ -293,7 +298,8 @@ def _probe_all(paths: list[Path], head_grid: Grid, s: ProbeSettings, dev: torch.
         "bootstrap": s.bootstrap, "leaderboard": ranked, "rows": rows}), indent=2))
     top = ranked[:4]
     if top:
-        plot_confusion_grid([(f"#{e['rank']} {e['backbone']}@{e['image_size']}", np.asarray(e["test"]["confusion"]))
+        plot_confusion_grid([(f"#{e['rank']} {e['backbone']}@{e['image_size']}\n{e['head']}\n"
+                              f"test split, {metric} {e['test'][metric]:.3f}", np.asarray(e["test"]["confusion"]))
                              for e in top], ranked[0]["classes"], out / "confusion" / "top.png")
     return ranked, leaderboard
 

@@ -27,9 +27,9 @@ def _draw(ax, cm: np.ndarray, classes: Sequence[str], title: str) -> None:
         if len(classes) <= 12:
             for i in range(len(classes)):
                 for j in range(len(classes)):
-                    if cm[i, j]:
-                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
-                                color="white" if rows[i, j] > 0.5 else "black")
+                    # zeros too: an empty cell (a diagonal one above all) is a finding, not a gap
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if rows[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted", fontsize=8)
     ax.set_ylabel("true", fontsize=8)
 

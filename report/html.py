@@ -17,6 +17,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from runtime.errors import is_storage_failure
 from runtime.files import atomic_write_text
@@ -35,13 +36,13 @@ def _json(path: Path) -> Any:
         return None
 
 
-def _image(path: Path, caption: str) -> dict[str, str] | None:
+def _image(path: Path, caption: str, workdir: Path) -> dict[str, str] | None:
     try:
         data = path.read_bytes()
     except OSError:
         return None
     return {"caption": caption, "src": "data:image/png;base64," + base64.b64encode(data).decode("ascii"),
-            "file": str(path)}
+            "link": quote(path.relative_to(workdir).as_posix())}  # relative: the page still works when moved
 
 
 def _versions() -> dict[str, str]:
@@ -64,7 +65,8 @@ def _dataset(workdir: Path) -> dict[str, Any] | None:
     return {"root": record.get("root"), "classes": classes, "splits": splits,
             "rows": [{"class": c, **{s: counts[s].get(c, 0) for s in splits}} for c in classes],
             "totals": {s: counts[s].get("total", 0) for s in splits},
-            "skipped": record.get("num_skipped", 0), "unreadable": len(record.get("unreadable") or {})}
+            "skipped": record.get("num_skipped", 0), "skipped_files": list(record.get("skipped") or [])[:50],
+            "unreadable": record.get("unreadable") or {}}
 
 
 def _latency(workdir: Path) -> dict[tuple[str, str], dict[str, Any]]:
@@ -89,11 +91,15 @@ def _leaderboard(workdir: Path) -> dict[str, Any] | None:
         ci = (e.get("test_ci") or {}).get(metric) or [None, None]
         timing = latency.get((e["backbone"], str(e["image_size"])), {})
         transfer = e.get("transfer") or {}
-        baseline = (e.get("logreg") or {}).get("val", {}).get(metric) if isinstance(e.get("logreg"), dict) else None
+        logreg = e.get("logreg") if isinstance(e.get("logreg"), dict) else {}
+        baseline = (logreg.get("val") or {}).get(metric)
+        baseline_test = (logreg.get("test") or {}).get(metric)
+        baseline_ci = (logreg.get("test_ci") or {}).get(metric) or [None, None]
         rows.append({"rank": e.get("rank"), "backbone": e["backbone"], "size": e["image_size"],
                      "weights": e.get("weights"), "head": e.get("head"), "val": e["val"].get(metric),
                      "test": e["test"].get(metric), "ci_low": ci[0], "ci_high": ci[1],
-                     "tied": bool(e.get("tied_with_best")), "logreg": baseline, "logme": transfer.get("logme"),
+                     "tied": bool(e.get("tied_with_best")), "logreg": baseline, "logreg_test": baseline_test,
+                     "logreg_ci": baseline_ci, "logme": transfer.get("logme"),
                      "knn": transfer.get("knn_loo"), "p50_ms": timing.get("p50_ms"), "noisy": timing.get("noisy"),
                      "gflops": timing.get("gflops")})
     return {"metric": metric, "rows": rows, "random": any(r["weights"] == "random" for r in rows)}
@@ -110,7 +116,7 @@ def _images(workdir: Path) -> dict[str, list[dict[str, str]]]:
         "gradcam": [(p, f"Grad-CAM, validation images: {p.stem}")
                     for p in sorted((workdir / "finetune" / "gradcam").glob("*.png"))],
     }
-    return {name: [img for path, caption in items if path.is_file() and (img := _image(path, caption))]
+    return {name: [img for path, caption in items if path.is_file() and (img := _image(path, caption, workdir))]
             for name, items in groups.items()}
 
 

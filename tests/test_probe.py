@@ -326,6 +326,9 @@ def test_probe_outputs_and_reload(workdir: Path, grid_file: Path, tmp_path: Path
     assert by_type["knn"]["cfg_lr"] == by_type["knn"]["cfg_epochs"] == "" and by_type["knn"]["cfg_k"] in ("1", "10")
     board = (out / "leaderboard.md").read_text()
     assert "| 1    |" in board and "logreg" in board
+    for entry in results["leaderboard"]:  # the baseline's test metric has its interval, as the chosen head's has
+        low, high = entry["logreg"]["test_ci"]["macro_f1"]
+        assert low <= entry["logreg"]["test"]["macro_f1"] <= high and f"[{low:.3f}, {high:.3f}]" in board
     for name in ("test_resnet.r160_in1k@48", "test_efficientnet.r160_in1k@48"):
         assert (out / "confusion" / f"{name}.png").stat().st_size > 1000
         history = (out / "history" / f"{name}.csv").read_text().splitlines()
@@ -462,3 +465,15 @@ def test_second_probe_on_a_workdir_is_refused_naming_the_first(workdir: Path, tm
         assert probe_main(["--workdir", str(work), "--no-progress"]) == 2
     assert f"probe in {work} is in use by pid {os.getpid()} on " in caplog.text
     assert not (work / "probe").exists()
+
+
+def test_confusion_matrix_shows_every_count_zeros_included() -> None:
+    import matplotlib.pyplot as plt
+
+    from probe.plots import _draw
+
+    fig, ax = plt.subplots()
+    _draw(ax, np.array([[0, 3, 0], [2, 5, 0], [0, 0, 0]]), ["a", "b", "c"], "t")
+    texts = sorted((t.get_position(), t.get_text()) for t in ax.texts)
+    assert len(texts) == 9 and [t for _, t in texts].count("0") == 6  # an empty diagonal cell shows its 0
+    plt.close(fig)

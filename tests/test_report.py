@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -54,6 +55,10 @@ def test_report_holds_the_dataset_the_leaderboard_and_every_image_embedded(workd
     # nothing is fetched from elsewhere: no remote script, style, image or font
     assert not re.search(r'(src|href)="(https?:)?//', html)
     assert "No profile yet" in html and "No fine-tuning yet" in html  # stages not run say so
+    # links to the raw files, relative (the page works wherever the workdir is copied)
+    links = re.findall(r'<a href="([^"]+)"', html)
+    assert "probe/results.csv" in links and "dataset.json" in links
+    assert all((workdir / unquote(link)).is_file() for link in links if link != "config.yaml")
 
 
 def test_a_broken_report_costs_a_warning_not_the_results(workdir: Path, tmp_path: Path,
