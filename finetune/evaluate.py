@@ -28,5 +28,6 @@ def evaluate_test(model: torch.nn.Module, target: Target, data: FinetuneData, ou
     metrics = compute_metrics(y, proba, top_k=k, per_class=True)
     ci = bootstrap_ci(y, proba, n_boot=n_boot, seed=seed, top_k=k)
     plot_confusion(np.asarray(metrics["confusion"]), data.classes,
-                   f"{target.name} fine-tuned\ntest {metric} {metrics[metric]:.3f}", out / "confusion.png")
+                   f"{target.name} fine-tuned\ntest {metric} {metrics[metric]:.3f}", out / "confusion.png",
+                   random_weights=target.record["weights"] == "random")
     return {"test": metrics, "test_ci": {m: list(v) for m, v in ci.items()}, "n_test": int(len(y))}

@@ -206,7 +206,7 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     write_csv(history_path, chosen.history)
     plot_confusion(np.asarray(test_metrics["confusion"]), classes,
                    f"{name} — {chosen.config.name}\ntest {metric} {test_metrics[metric]:.3f}",
-                   out / "confusion" / f"{name}.png")
+                   out / "confusion" / f"{name}.png", random_weights=info["weights"] == "random")
     entry = {**info, "head": chosen.config.name, "head_config": chosen.config.to_dict(), "val": val_best,
              "test": test_metrics, "test_ci": ci, "logreg": logreg, "transfer": transfer, "n_heads": len(configs),
              "grid_seconds": grid_seconds, "seconds": time.perf_counter() - t0,
@@ -300,7 +300,8 @@ def _probe_all(paths: list[Path], head_grid: Grid, s: ProbeSettings, dev: torch.
     if top:
         plot_confusion_grid([(f"#{e['rank']} {e['backbone']}@{e['image_size']}\n{e['head']}\n"
                               f"test split, {metric} {e['test'][metric]:.3f}", np.asarray(e["test"]["confusion"]))
-                             for e in top], ranked[0]["classes"], out / "confusion" / "top.png")
+                             for e in top], ranked[0]["classes"], out / "confusion" / "top.png",
+                            random_weights=any(e["weights"] == "random" for e in top))
     return ranked, leaderboard
 
 

@@ -34,7 +34,9 @@ def _draw(ax, cm: np.ndarray, classes: Sequence[str], title: str) -> None:
     ax.set_ylabel("true", fontsize=8)
 
 
-def _save(fig, path: Path, dpi: int) -> Path:
+def _save(fig, path: Path, dpi: int, random_weights: bool = False) -> Path:
+    if random_weights:  # said on the figure itself: a PNG travels without its table
+        fig.suptitle("RANDOM WEIGHTS (--no-pretrained)", color="tab:red", fontsize=9, fontweight="bold")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -42,18 +44,20 @@ def _save(fig, path: Path, dpi: int) -> Path:
     return path
 
 
-def plot_confusion(cm: np.ndarray, classes: Sequence[str], title: str, path: Path) -> Path:
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], title: str, path: Path,
+                   random_weights: bool = False) -> Path:
     size = max(4.0, 0.35 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     _draw(ax, cm, classes, title)
-    return _save(fig, path, 120)
+    return _save(fig, path, 120, random_weights)
 
 
-def plot_confusion_grid(items: Sequence[tuple[str, np.ndarray]], classes: Sequence[str], path: Path) -> Path:
+def plot_confusion_grid(items: Sequence[tuple[str, np.ndarray]], classes: Sequence[str], path: Path,
+                        random_weights: bool = False) -> Path:
     """Test confusion matrices of several backbones side by side (colour: recall per true class)."""
     n = len(items)
     size = max(3.5, 0.3 * len(classes) + 1.5)
     fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.4), squeeze=False)
     for ax, (title, cm) in zip(axes[0], items):
         _draw(ax, cm, classes, title)
-    return _save(fig, path, 110)
+    return _save(fig, path, 110, random_weights)

@@ -477,3 +477,16 @@ def test_confusion_matrix_shows_every_count_zeros_included() -> None:
     texts = sorted((t.get_position(), t.get_text()) for t in ax.texts)
     assert len(texts) == 9 and [t for _, t in texts].count("0") == 6  # an empty diagonal cell shows its 0
     plt.close(fig)
+
+
+def test_confusion_png_of_random_weights_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.figure
+
+    from probe.plots import plot_confusion
+
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: titles.append(
+        self._suptitle.get_text() if self._suptitle else ""))
+    plot_confusion(np.eye(2, dtype=int), ["a", "b"], "t", tmp_path / "r.png", random_weights=True)
+    plot_confusion(np.eye(2, dtype=int), ["a", "b"], "t", tmp_path / "p.png")
+    assert titles[0].startswith("RANDOM WEIGHTS") and titles[1] == ""
