@@ -161,7 +161,7 @@ def _finish(target: Target, data: FinetuneData, study: Study, trials: list[dict[
 
 
 def _explain(target: Target, data: FinetuneData, tuning: TuningConfig, workdir: Path, device: torch.device,
-             result: dict[str, Any]) -> None:
+             result: dict[str, Any], metric: str) -> None:
     """Grad-CAM grids of validation images for the fine-tuned model and for the probe classifier."""
     if result.get("best") is None or tuning.gradcam.images < 1:
         return
@@ -175,11 +175,13 @@ def _explain(target: Target, data: FinetuneData, tuning: TuningConfig, workdir: 
     try:
         model, _ = load_checkpoint(Path(result["best_dir"]) / "best_model.pt")
         result["gradcam"] = str(explain(model.to(device), path=out / f"{name}.png", **kwargs,
-                                        heading=f"{target.name} fine-tuned (trial {result['best']['trial']}), {weights}"))
+                                        heading=f"{target.name} fine-tuned (trial {result['best']['trial']}, val {metric} "
+                                                f"{result['best']['val']:.3f}), {weights}"))
         if target.head_file is not None and target.head_file.is_file():
             probe_model, _ = load_classifier(target.head_file)  # a kNN head too: explain() scores its vote mass
             result["gradcam_probe"] = str(explain(probe_model.to(device), path=out / f"{name}-probe.png", **kwargs,
-                                                  heading=f"{target.name} probe ({target.probe['head']}), {weights}"))
+                                                  heading=f"{target.name} probe ({target.probe['head']}, val {metric} "
+                                                          f"{target.probe['val']:.3f}), {weights}"))
     except Exception as exc:  # an explanation must not cost the results
         log.warning("%s: Grad-CAM failed (%s: %s); set gradcam.target_layers for this architecture",
                     target.name, type(exc).__name__, exc)
@@ -212,7 +214,7 @@ def run_finetune(settings: FinetuneSettings, tuning: TuningConfig) -> FinetuneOu
             atomic_write_text(folder / "study.json", json.dumps({**summary, "backbone": target.name, "head": s.head,
                                                                  "spec_source": tuning.source}, indent=2))
             result = _finish(target, data, study, summary["trials"], s, setup)
-            _explain(target, data, tuning, workdir, dev, result)
+            _explain(target, data, tuning, workdir, dev, result, metric)
         results.append(result)
         studies.append({"name": target.name, "optimizer": result["optimizer"], "trials": summary["trials"],
                         "probe_val": target.probe.get("val")})

@@ -248,3 +248,21 @@ def test_full_disk_stops_the_study_without_telling_the_trial(tmp_path: Path) -> 
 
     trials = Study(folder, tuning, budget=3).run(counted)
     assert calls == [1, 2] and [t.status for t in trials] == ["ok"] * 3
+
+
+def test_search_plot_stars_the_default_configuration_and_says_random_weights(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.figure
+
+    from finetune.report import plot_searches
+
+    seen = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: seen.append(self))
+    trials = [{"trial": n, "status": "ok", "metric": m} for n, m in enumerate([0.5, 0.7, 0.6])]
+    plot_searches([{"name": "b@64", "optimizer": "nevergrad", "trials": trials, "probe_val": 0.55}], "qwk",
+                  tmp_path / "search.png", random_weights=True)
+    (fig,) = seen
+    ax = fig.axes[0]
+    (star,) = [c for c in ax.collections if c.get_label() == "default configuration"]
+    assert star.get_offsets().tolist() == [[0.0, 0.5]]  # trial 0, its metric
+    assert fig._suptitle.get_text().startswith("RANDOM WEIGHTS") and ax.get_ylabel() == "val qwk"
