@@ -3,8 +3,8 @@
 The plot shows what the tables know: each backbone's test metric with its 95% bootstrap interval,
 its latency from p50 to p99, noisy latencies hollow, random weights written on the figure. Front
 membership does not hinge on timing noise: two latencies within ``1 + 2 * cv`` of each other (the
-larger coefficient of variation of the two), or two backbones of the same architecture, input size
-and FLOPs, count as the same cost.
+larger coefficient of variation of the two) count as the same cost, and so do two backbones of the
+same architecture and FLOPs unless the slower one's median lies beyond the faster one's p99.
 """
 
 from __future__ import annotations
@@ -52,11 +52,13 @@ def pareto_front(points: Sequence[tuple[float, float]],
 
 
 def latency_tie(a: ParetoPoint, b: ParetoPoint) -> bool:
-    """Same cost as far as the measurements can tell."""
+    """Same cost as far as the measurements can tell. The same architecture at the same FLOPs costs the same
+    unless the timing really separates them (the slower one's median beyond the faster one's p99); other
+    pairs tie when their medians are within ``1 + 2 * cv``."""
+    fast, slow = (a, b) if a.p50_ms <= b.p50_ms else (b, a)
     if a.architecture == b.architecture and abs(a.gflops - b.gflops) <= 1e-9 * max(a.gflops, b.gflops, 1.0):
-        return True
-    tolerance = 1 + 2 * max(a.cv, b.cv)
-    return max(a.p50_ms, b.p50_ms) <= tolerance * min(a.p50_ms, b.p50_ms)
+        return slow.p50_ms <= fast.p99_ms
+    return slow.p50_ms <= (1 + 2 * max(a.cv, b.cv)) * fast.p50_ms
 
 
 def _log_axis(ax: plt.Axes) -> None:

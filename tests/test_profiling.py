@@ -113,9 +113,11 @@ def test_front_membership_does_not_hinge_on_timing_noise() -> None:
     points = [real, random_copy, other]
     front = pareto_front([(p.p50_ms, p.score) for p in points], lambda i, j: latency_tie(points[i], points[j]))
     assert front == [2, 0]
-    # A clear timing difference between different architectures still counts.
+    # A clear timing difference still counts, between different architectures and within one.
     fast = _point("fast", 0.5, 1.0, arch="c", gflops=3.0)
     assert not latency_tie(fast, _point("slow", 0.9, 4.0, arch="d", gflops=3.0))
+    assert not latency_tie(fast, _point("same arch, really slower", 0.9, 1.6, arch="c", gflops=3.0))
+    assert latency_tie(fast, _point("same arch, inside p99", 0.9, 1.4, arch="c", gflops=3.0))
 
 
 def test_pareto_plot_shows_intervals_spread_noise_decades_metric_and_random_weights() -> None:
