@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
 
         results = extract_features(settings, dataset)
         used = settings.model_copy(update={"workers": decode_workers(settings)})  # the record says what was used
+        # after the results, inside the try: a full disk here is the same one-line error as anywhere else
+        write_resolved(settings.workdir, "extract", used)
+        write_report(settings.workdir)
+        track(settings, "extract")
     except JobsFailed as exc:
         print(format_table([r.as_row() for r in exc.results], COLUMNS))
         for line in exc.lines:
@@ -55,9 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; run the same command again to resume")
         return 130
-    write_resolved(settings.workdir, "extract", used)
-    write_report(settings.workdir)
-    track(settings, "extract")
     print(format_table([r.as_row() for r in results], COLUMNS))
     print(f"\n{len(results)} cache(s) in {settings.workdir / 'features'}; "
           f"dataset summary in {settings.workdir / 'dataset.json'}")

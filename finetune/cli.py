@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.pipeline import run_finetune  # torch, timm and Nevergrad load only once there is work to do
 
         result = run_finetune(settings, tuning)
+        # after the results, inside the try: a full disk here is the same one-line error as anywhere else
+        write_resolved(settings.workdir, "finetune", settings.model_copy(update={"metric": result.metric}))
+        write_report(settings.workdir)
+        track(settings, "finetune")
     except Exception as exc:
         if (problem := as_user_error(exc)) is None:
             raise  # a bug: keep its traceback
@@ -44,9 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("Interrupted. Finished trials are kept in trials.jsonl; run the same command to continue.")
         return 130
-    write_resolved(settings.workdir, "finetune", settings.model_copy(update={"metric": result.metric}))
-    write_report(settings.workdir)
-    track(settings, "finetune")
     print(result.summary)
     print(f"Reports: {result.folder}/summary.md, search.png, best/, gradcam/ "
           f"(trials in {result.folder}/<backbone>@<res>/)")

@@ -38,15 +38,16 @@ def main(argv: list[str] | None = None) -> int:
             write_report(settings.workdir)
             return 0
         result = run_probe(settings)
+        # The record says what was used: the selection metric as resolved, not "the default". After the results,
+        # inside the try: a full disk here is the same one-line error as anywhere else.
+        write_resolved(settings.workdir, "probe", settings.model_copy(update={"metric": settings.selection_metric}))
+        write_report(settings.workdir)
+        track(settings, "probe")
     except Exception as exc:
         if (problem := as_user_error(exc)) is None:
             raise  # a bug: keep its traceback
         log.error("%s", problem)
         return 2
-    # The record says what was used: the selection metric as resolved, not "the default".
-    write_resolved(settings.workdir, "probe", settings.model_copy(update={"metric": settings.selection_metric}))
-    write_report(settings.workdir)
-    track(settings, "probe")
     print(result.leaderboard)
     print(f"Results: {result.folder}/results.csv, results.json, leaderboard.md, heads/, confusion/, history/")
     return 0

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from profiling.pipeline import run_profiling  # torch, timm and ONNX load only once there is work to do
 
         result = run_profiling(settings)
+        if result["records"]:  # after the results, inside the try: a full disk here is a one-line error too
+            write_resolved(settings.workdir, "profiling", settings)
+            write_report(settings.workdir)
+            track(settings, "profiling")
     except Exception as exc:
         if (problem := as_user_error(exc)) is None:
             raise  # a bug: keep its traceback
@@ -47,9 +51,6 @@ def main(argv: list[str] | None = None) -> int:
           + (f", {result['pareto']}" if result["pareto"] else ""))
     if result["failures"] and not result["records"]:
         return 1
-    write_resolved(settings.workdir, "profiling", settings)
-    write_report(settings.workdir)
-    track(settings, "profiling")
     return 0
 
 

@@ -75,6 +75,29 @@ def test_a_broken_report_costs_a_warning_not_the_results(workdir: Path, tmp_path
     assert (work / REPORT).read_text() == before  # the previous report stays whole
 
 
+def test_a_full_disk_while_writing_the_report_is_a_one_line_error(workdir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+
+    import report.html as report_module
+    from extract.cli import main as extract_main
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+
+    def full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report_module, "atomic_write_text", full)
+    argv = ["--data", "demo", "--backbones", ",".join(BACKBONES), "--no-pretrained", "--image-size", "48",
+            "--workdir", str(work), "--device", "cpu", "--workers", "0", "--no-progress"]
+    assert extract_main(argv) == 2  # the caches are reused; only the report's write fails
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "no space left" in errors[0].getMessage().lower()
+    assert errors[0].exc_info is None and "report.html" in errors[0].getMessage()
+
+
 def test_every_command_refreshes_the_report(workdir: Path, tmp_path: Path) -> None:
     from probe.cli import main as probe_main
 
