@@ -86,7 +86,7 @@ class JobTrials:
 
     def _submit(self, n: int, attempt: int) -> dict[str, Any]:
         spec = TrialJob(self.target, self.tuning, self.points[n], self.folder / f"trial-{n:03d}",
-                        self.settings.workdir, replace(self.setup, seed=self.setup.seed + n), self.settings.device)
+                        self.settings.workdir, self.setup.for_trial(n), self.settings.device)
         name = f"{self.target.slug}-t{n:03d}" + (f"-a{attempt}" if attempt > 1 else "")
         submitted = self.pool.submit(n, Job(name, run_trial_job, (spec,)))
         self.jobs[n] = {"job": str(submitted.job_id), "attempt": attempt, "executor": self.settings.executor,
@@ -100,9 +100,6 @@ class JobTrials:
             self.jobs[n] = job
             return job
         return self._submit(n, int(job.get("attempt", 0)) + 1 if job else 1)
-
-    def in_flight(self) -> int:
-        return len(self.pool.running)
 
     def wait(self) -> Iterator[tuple[int, TrialOutcome]]:
         while not (over := self.pool.poll()):

@@ -89,7 +89,7 @@ def _search(target: Target, data: FinetuneData, tuning: TuningConfig, folder: Pa
     bar = progress(total=study.budget, desc=f"{target.name} trials", unit="trial", enabled=s.progress)
 
     def objective(n: int, point: dict[str, Any], stop: Any):
-        trial_setup = replace(setup, seed=setup.seed + n, progress=s.progress and s.workers == 1)
+        trial_setup = replace(setup.for_trial(n), progress=s.progress and s.workers == 1)
         return run_trial(target, data, tuning.params(point), tuning, folder / f"trial-{n:03d}", trial_setup, stop)
 
     if s.executor == "local":

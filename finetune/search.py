@@ -77,8 +77,6 @@ class TrialRunner(Protocol):
     def start(self, n: int, point: dict[str, Any], job: dict[str, Any] | None) -> dict[str, Any] | None:
         """Start trial ``n``, or adopt ``job`` (what the log recorded of its job); returns the job to record."""
 
-    def in_flight(self) -> int: ...
-
     def wait(self) -> Iterator[tuple[int, TrialOutcome]]:
         """Block until trials are over and yield each with its outcome. Raises when the study must stop
         (``KeyboardInterrupt``, :class:`StudyStopped`, a full disk): that trial is not over, it runs again."""
@@ -106,9 +104,6 @@ class InProcessTrials:
         except BaseException as exc:  # recorded as a failure, or re-raised by wait() if the study must stop
             future.set_exception(exc)
         self.futures[future] = n
-
-    def in_flight(self) -> int:
-        return len(self.futures)
 
     def wait(self) -> Iterator[tuple[int, TrialOutcome]]:
         finished, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
@@ -318,7 +313,7 @@ class Study:
         try:
             while True:
                 # Never more open asks than workers: re-runs of unfinished trials count as open asks.
-                while runner.in_flight() < slots and (queue or next_number < self.budget):
+                while len(in_flight) < slots and (queue or next_number < self.budget):
                     if queue:
                         n, candidate = queue.pop(0)
                         job = runner.start(n, self.trials[n].point, self.jobs.get(n))

@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,10 @@ class TrialSetup:
     seed: int = 0
     data_workers: int = 0
     progress: bool = False
+
+    def for_trial(self, n: int) -> TrialSetup:
+        """Trial ``n``'s setup: its own seed (``seed + n``), wherever it runs."""
+        return replace(self, seed=self.seed + n)
 
 
 class _Trial:

@@ -12,13 +12,14 @@ import logging
 from typing import Any
 
 from configs.profiling import ProfilingSettings
-from profiling.pipeline import ProfileTarget, measure_here
+from extract.pipeline import Unit
+from profiling.pipeline import measure_here
 from runtime.jobs import Job, run_jobs, start_job
 
 log = logging.getLogger(__name__)
 
 
-def profile_job(target: ProfileTarget, settings: ProfilingSettings
+def profile_job(target: Unit, settings: ProfilingSettings
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """What one job runs (in a fresh process on some node)."""
 
@@ -27,7 +28,7 @@ def profile_job(target: ProfileTarget, settings: ProfilingSettings
     return measure_here([target], settings)
 
 
-def profile_with_jobs(targets: list[ProfileTarget], settings: ProfilingSettings
+def profile_with_jobs(targets: list[Unit], settings: ProfilingSettings
                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """(records, failures, machines by node) of every target, each profiled in its own job."""
     if settings.max_jobs != 1 and "--exclusive" not in settings.slurm.sbatch:

@@ -23,9 +23,10 @@ from PIL import Image
 from cache import CacheError, check_same_dataset, dataset_record, list_caches, open_cache
 from cache.schema import safe_name
 from configs.profiling import ProfilingSettings
-from extract.backbones import BackboneSpec, load_sets, resolve_backbones
+from extract.backbones import load_sets, resolve_backbones
 from extract.dataset import load_dataset
-from extract.models import Weights, backbone_from_record, choose_weights, create_backbone, preprocessing
+from extract.models import backbone_from_record, choose_weights, create_backbone, preprocessing
+from extract.pipeline import Unit  # one backbone at one size: what extract caches and profiling times
 from profiling.export import ExportError, append_head, export_onnx, matmul_flops, max_relative_error
 from profiling.flops import count_flops, count_parameters
 from profiling.latency import choose_providers, make_session, measure_eager, measure_onnxruntime, peak_matmul_gflops
@@ -38,25 +39,7 @@ from runtime.images import IMAGE_SUFFIXES, load_rgb
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ProfileTarget:
-    """One backbone at one input size, with the weights and preprocessing to export it with."""
-
-    spec: BackboneSpec
-    weights: Weights
-    data_cfg: dict[str, Any]
-    size_kwargs: dict[str, Any]
-
-    @property
-    def image_size(self) -> int:
-        return int(self.data_cfg["input_size"][-1])
-
-    @property
-    def name(self) -> str:
-        return f"{self.spec.name}@{self.image_size}"
-
-
-def targets_from_caches(workdir: Path) -> list[ProfileTarget]:
+def targets_from_caches(workdir: Path) -> list[Unit]:
     """What `extract` cached in ``workdir``: the same model, weights and preprocessing."""
     out = []
     entries = [e for e in list_caches(workdir) if e.complete]
@@ -66,11 +49,11 @@ def targets_from_caches(workdir: Path) -> list[ProfileTarget]:
             spec, weights, size_kwargs = backbone_from_record(
                 model=fc.model, name=fc.backbone, model_kwargs=fc.key.get("model_kwargs"), weights_tag=fc.weights,
                 weights_location=fc.meta.get("weights_location"))
-            out.append(ProfileTarget(spec, weights, fc.data_config, size_kwargs))
+            out.append(Unit(spec, None, weights, fc.data_config, size_kwargs))
     return out
 
 
-def targets_from_names(settings: ProfilingSettings) -> list[ProfileTarget]:
+def targets_from_names(settings: ProfilingSettings) -> list[Unit]:
     """``--backbones`` with their weights (pretrained unless --no-pretrained) at each ``--image-size``."""
     s = settings
     out = []
@@ -78,7 +61,7 @@ def targets_from_names(settings: ProfilingSettings) -> list[ProfileTarget]:
         weights = choose_weights(spec, pretrained=s.pretrained is not False, weights_dir=s.weights_dir)
         for size in list(s.image_size) or [None]:
             data_cfg, size_kwargs = preprocessing(spec, size)
-            out.append(ProfileTarget(spec, weights, data_cfg, size_kwargs))
+            out.append(Unit(spec, size, weights, data_cfg, size_kwargs))
     return out
 
 
@@ -115,7 +98,7 @@ class Bench:
     peak_gflops: float
 
 
-def measure_here(targets: list[ProfileTarget], settings: ProfilingSettings
+def measure_here(targets: list[Unit], settings: ProfilingSettings
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Profile ``targets`` in this process: (records, failures, this machine's description)."""
     s = settings
@@ -141,7 +124,7 @@ def measure_here(targets: list[ProfileTarget], settings: ProfilingSettings
     return records, failures, machine
 
 
-def profile_target(target: ProfileTarget, settings: ProfilingSettings, bench: Bench) -> list[dict[str, Any]]:
+def profile_target(target: Unit, settings: ProfilingSettings, bench: Bench) -> list[dict[str, Any]]:
     """Every record for one backbone: one per batch size (ONNX Runtime and PyTorch eager side by side)."""
     out, head_dir = settings.workdir / "profiling", settings.workdir / "probe" / "heads"
     images, providers, device, peak_gflops = bench.images, bench.providers, bench.device, bench.peak_gflops

@@ -29,7 +29,8 @@ LIBRARIES = ("torch", "timm", "numpy", "scikit-learn", "h5py", "onnx", "onnxrunt
              "nevergrad", "grad-cam", "matplotlib", "submitit")
 
 
-def _json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A workdir file's JSON, or ``None`` when the stage has not written it (or left it unreadable)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -56,7 +57,7 @@ def _versions() -> dict[str, str]:
 
 
 def _dataset(workdir: Path) -> dict[str, Any] | None:
-    record = _json(workdir / "dataset.json")
+    record = read_json(workdir / "dataset.json")
     if not isinstance(record, dict):
         return None
     counts = record.get("counts") or {}
@@ -71,7 +72,7 @@ def _dataset(workdir: Path) -> dict[str, Any] | None:
 
 def _latency(workdir: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """The smallest batch's record per (backbone, size) from profiling, for the leaderboard."""
-    report = _json(workdir / "profiling" / "performance.json") or {}
+    report = read_json(workdir / "profiling" / "performance.json") or {}
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for r in report.get("records", []):
         key = (r["backbone"], str(r["image_size"]))
@@ -81,7 +82,7 @@ def _latency(workdir: Path) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def _leaderboard(workdir: Path) -> dict[str, Any] | None:
-    results = _json(workdir / "probe" / "results.json")
+    results = read_json(workdir / "probe" / "results.json")
     if not isinstance(results, dict):
         return None
     metric = results["metric"]
@@ -121,7 +122,7 @@ def _images(workdir: Path) -> dict[str, list[dict[str, str]]]:
 
 
 def _finetune(workdir: Path) -> dict[str, Any] | None:
-    summary = _json(workdir / "finetune" / "summary.json")
+    summary = read_json(workdir / "finetune" / "summary.json")
     if not isinstance(summary, dict):
         return None
     rows = []

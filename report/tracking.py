@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report.html import read_json
 from runtime.errors import is_storage_failure
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _probe(workdir: Path) -> tuple[list[tuple[str, float, int]], list[Path]]:
-    results = _json(workdir / "probe" / "results.json") or {}
+    results = read_json(workdir / "probe" / "results.json") or {}
     metric, out = results.get("metric"), []
     for row in results.get("rows", []):  # every head of the grid: its validation metric
         value = row.get(f"val_{metric}")
@@ -73,7 +67,7 @@ def _probe(workdir: Path) -> tuple[list[tuple[str, float, int]], list[Path]]:
 
 
 def _profiling(workdir: Path) -> tuple[list[tuple[str, float, int]], list[Path]]:
-    report = _json(workdir / "profiling" / "performance.json") or {}
+    report = read_json(workdir / "profiling" / "performance.json") or {}
     out = []
     for r in report.get("records", []):
         unit = _key(_unit(r["backbone"], r["image_size"]), f"batch{r['batch_size']}")
@@ -85,12 +79,12 @@ def _profiling(workdir: Path) -> tuple[list[tuple[str, float, int]], list[Path]]
 
 def _finetune(workdir: Path) -> tuple[list[tuple[str, float, int]], list[Path]]:
     folder = workdir / "finetune"
-    summary = _json(folder / "summary.json") or {}
+    summary = read_json(folder / "summary.json") or {}
     metric, out = summary.get("metric"), []
     for r in summary.get("results", []):
-        slug = r["name"]
-        unit = _key(*slug.rsplit("@", 1)) + "px" if "@" in slug else _key(slug)
-        for trial_dir in sorted((folder / slug.replace("/", "_")).glob("trial-*")):
+        unit = _unit(*r["name"].rsplit("@", 1))
+        study = folder / Path(r["best_dir"]).name if r.get("best_dir") else None  # the study's folder name
+        for trial_dir in sorted(study.glob("trial-*")) if study else ():
             history = trial_dir / "metrics.csv"
             if not history.is_file():
                 continue
