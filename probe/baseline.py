@@ -1,18 +1,21 @@
-"""The classic linear-probe reference: scikit-learn's L2-regularised logistic regression (L-BFGS).
+"""The classic linear-probe reference: L2-regularised multinomial logistic regression, C chosen on validation.
 
-Features are standardised with training statistics; the inverse regularisation
-strength C is chosen on the validation split among log-spaced values.
+scikit-learn's ``LogisticRegression(C=C)`` objective — the mean cross-entropy plus ||W||^2 / (2 C n), the
+intercept not penalised — minimised by full-batch L-BFGS in torch, one C after another from strong to weak
+regularisation, each warm-started from the last, and stopped like scikit-learn's solver: when no gradient
+entry exceeds ``tol``. scikit-learn's own solver reaches the same optimum (tests compare them) but spends
+~10x longer per iteration on feature matrices of this size; the baseline has to cost no more than the grid.
+Features are standardised with training statistics (scikit-learn's ``StandardScaler``).
 """
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
+import torch
+import torch.nn.functional as F
 
 from probe.metrics import METRICS, fast_metric
 
@@ -24,44 +27,81 @@ class LogRegResult:
     C: float
     val_metric: float
     val_by_C: dict[float, float]
-    model: LogisticRegression
-    scaler: StandardScaler
+    coef: np.ndarray  # (classes, D) float64, on standardised features; zero rows for classes absent from training
+    intercept: np.ndarray  # (classes,); -inf for classes absent from training
+    mean: np.ndarray
+    scale: np.ndarray
+    iterations: dict[float, int]
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return self.model.predict_proba(self.scaler.transform(x))
+        z = torch.as_tensor((np.asarray(x, np.float32) - self.mean) / self.scale).double()
+        return (z @ torch.as_tensor(self.coef).T + torch.as_tensor(self.intercept)).softmax(1).numpy()
+
+
+def standard_scaling(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``StandardScaler``'s mean and scale (population std; 1 where a feature is constant)."""
+    x64 = np.asarray(x, np.float64)
+    mean, std = x64.mean(0), x64.std(0)
+    return mean.astype(np.float32), np.where(std < 10 * np.finfo(np.float64).eps, 1.0, std).astype(np.float32)
+
+
+def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int = 1000, tol: float = 1e-4
+             ) -> Iterator[tuple[float, torch.Tensor, torch.Tensor, int]]:
+    """Yield (C, coef (K, D), intercept (K,), iterations) along ``cs`` (ascending) for standardised ``x`` (N, D)
+    and labels ``y`` in 0..K-1, in ``x``'s dtype, each C warm-started from the last."""
+    n, d = x.shape
+    k = int(y.max()) + 1
+    # The loss and its gradient written out: with the features held both ways round, both products are the
+    # fast (K, N) x (N, D) kind; autograd's x.T @ g on thin matrices is ~5x slower on a CPU.
+    xt = x.T.contiguous()
+    onehot = F.one_hot(y, k).T.to(x.dtype)
+    coef, intercept = torch.zeros(k, d, dtype=x.dtype), torch.zeros(k, dtype=x.dtype)
+    coef.grad, intercept.grad = torch.zeros_like(coef), torch.zeros_like(intercept)
+    for c in cs:
+        penalty = 1.0 / (c * n)
+        # torch's L-BFGS stops when max |gradient| <= tolerance_grad: scikit-learn's (scipy's) gtol.
+        opt = torch.optim.LBFGS([coef, intercept], lr=1, max_iter=max_iter, tolerance_grad=tol,
+                                tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            logp = (coef @ xt + intercept[:, None]).log_softmax(0)  # (K, N)
+            residual = (logp.exp() - onehot) / n
+            coef.grad.copy_(residual @ x).add_(coef, alpha=penalty)
+            intercept.grad.copy_(residual.sum(1))
+            return -(logp * onehot).sum() / n + 0.5 * penalty * (coef * coef).sum()
+
+        opt.step(closure)
+        yield c, coef.clone(), intercept.clone(), int(opt.state[coef].get("n_iter", 0))
 
 
 def logreg_baseline(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
                     metric: str = "macro_f1", cs: tuple[float, ...] = DEFAULT_CS, max_iter: int = 1000,
-                    num_classes: int | None = None) -> LogRegResult:
+                    tol: float = 1e-4, num_classes: int | None = None) -> LogRegResult:
     """Fit one model per C (warm-started from strong to weak regularisation); keep the best on validation."""
     higher = METRICS[metric]
-    scaler = StandardScaler().fit(x_train)
-    xt, xv = scaler.transform(x_train), scaler.transform(x_val)
-    model = LogisticRegression(C=cs[0], max_iter=max_iter, warm_start=True)
-    best: tuple[float, float, LogisticRegression] | None = None
+    y_train = np.asarray(y_train)
+    num_classes = num_classes or int(max(y_train.max(), np.asarray(y_val).max())) + 1
+    present = np.unique(y_train)  # like scikit-learn, a class never seen in training gets probability 0
+    mean, scale = standard_scaling(x_train)
+    x = torch.as_tensor((np.asarray(x_train, np.float32) - mean) / scale)
+    y = torch.as_tensor(np.searchsorted(present, y_train))
+    y_val = np.asarray(y_val)
+
+    def model(c: float, w: torch.Tensor, b: torch.Tensor) -> LogRegResult:
+        coef = np.zeros((num_classes, x.shape[1]), np.float64)
+        intercept = np.full(num_classes, -np.inf)
+        coef[present], intercept[present] = w.double().numpy(), b.double().numpy()
+        return LogRegResult(float(c), 0.0, scores, coef, intercept, mean, scale, iterations)
+
+    # float32: half the memory traffic of float64, and at scikit-learn's tolerance as close to the optimum.
+    best: LogRegResult | None = None
     scores: dict[float, float] = {}
-    for c in sorted(cs):
-        model.set_params(C=c)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(xt, y_train)
-        proba = _full_proba(model, xv, num_classes)
-        score = fast_metric(metric, y_val, proba)
-        scores[float(c)] = score
-        if best is None or (score > best[1] if higher else score < best[1]):
-            import copy
-
-            best = (float(c), score, copy.deepcopy(model))
+    iterations: dict[float, int] = {}
+    for c, w, b, its in fit_path(x, y, sorted(cs), max_iter=max_iter, tol=tol):
+        fitted = model(c, w, b)
+        fitted.val_metric = scores[float(c)] = fast_metric(metric, y_val, fitted.predict_proba(x_val))
+        iterations[float(c)] = its
+        if best is None or (fitted.val_metric > best.val_metric if higher else fitted.val_metric < best.val_metric):
+            best = fitted
     assert best is not None
-    return LogRegResult(C=best[0], val_metric=best[1], val_by_C=scores, model=best[2], scaler=scaler)
-
-
-def _full_proba(model: LogisticRegression, x: np.ndarray, num_classes: int | None) -> np.ndarray:
-    """Probabilities over all classes, even those absent from training."""
-    proba = model.predict_proba(x)
-    if num_classes is None or proba.shape[1] == num_classes:
-        return proba
-    full = np.zeros((len(x), num_classes))
-    full[:, model.classes_] = proba
-    return full
+    return best

@@ -7,6 +7,8 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
 from probe.baseline import logreg_baseline
 from probe.heads import head_checkpoint
 from probe.leaderboard import leaderboard_rows, mark_ties, read_profiling
-from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k
+from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k, metrics_of_heads
 from probe.plots import plot_confusion, plot_confusion_grid
 from probe.train import Examples, Fit, TrainedHead, predict_proba, train_grid
 from probe.transferability import knn_loo_accuracy, logme
@@ -39,6 +41,20 @@ class ProbeOutputs:
     entries: list[dict[str, Any]]  # one per backbone x size, ranked
     leaderboard: str
     folder: Path
+
+
+class Phases:
+    """Wall time per phase of one backbone's probe, each logged as it ends (nothing runs unannounced for long)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.seconds = name, {}
+
+    @contextmanager
+    def __call__(self, phase: str, detail: str = "") -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+        log.info("%s: %s%s %.2fs", self.name, phase, f" ({detail})" if detail else "", time.perf_counter() - t0)
 
 
 def select_caches(workdir: Path, backbones: list[str] | None) -> list[Path]:
@@ -123,7 +139,8 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     metric, seed, folds = settings.selection_metric, settings.seed, settings.folds
     published = settings.workdir / "probe"
     fit = Fit(metric=metric, options=grid.train, seed=seed, device=device)
-    with open_cache(path) as fc:
+    phase = Phases(path.stem)
+    with phase("load"), open_cache(path) as fc:
         train = fc.load("train", views=fc.num_views > 0)
         val, test = fc.load("val"), fc.load("test")
         info = {"backbone": fc.backbone, "image_size": fc.image_size, "model": fc.model, "weights": fc.weights,
@@ -144,25 +161,27 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     if folds:
         if info["views"]:
             log.info("%s: cross-validation uses the plain (unaugmented) features", name)
-        per_fold = cross_validate(configs, known, folds, c, fit)
+        with phase("cross-validation", f"{folds} folds x {len(configs)} heads"):
+            per_fold = cross_validate(configs, known, folds, c, fit)
         scores = list(per_fold.mean(0))
         cv = {"mean": per_fold.mean(0), "std": per_fold.std(0)}
 
-    transfer = transfer_scores(known.features, known.labels, name)
-    t_grid = time.perf_counter()
-    trained = train_grid(configs, train, val, c, fit, progress=settings.progress, desc=name)
-    grid_seconds = time.perf_counter() - t_grid
+    with phase("LogME and kNN"):
+        transfer = transfer_scores(known.features, known.labels, name)
+    log.info("%s: training %d head(s) on %d x %d features", name, len(configs), *train.features.shape)
+    with phase("grid", f"{len(configs)} heads"):
+        trained = train_grid(configs, train, val, c, fit, progress=settings.progress, desc=name)
     best = choose(trained, metric, scores)
     chosen = trained[best]
 
     # Test metrics: once, for the chosen head only.
-    test_proba = predict_proba(chosen.head, test.features)
-    test_metrics = compute_metrics(test.labels, test_proba, top_k=k, per_class=True)
-    ci = bootstrap_ci(test.labels, test_proba, n_boot=settings.bootstrap, seed=seed, top_k=k)
+    with phase("test metrics", f"{settings.bootstrap} bootstrap resamples"):
+        test_proba = predict_proba(chosen.head, test.features)
+        test_metrics = compute_metrics(test.labels, test_proba, top_k=k, per_class=True)
+        ci = bootstrap_ci(test.labels, test_proba, n_boot=settings.bootstrap, seed=seed, top_k=k)
 
     rows = []
-    for i, t in enumerate(trained):
-        val_m = compute_metrics(val.labels, t.val_proba, top_k=k)
+    for i, (t, val_m) in enumerate(zip(trained, metrics_of_heads(val.labels, [t.val_proba for t in trained], top_k=k))):
         row: dict[str, Any] = {"backbone": info["backbone"], "image_size": info["image_size"], "head": t.config.name,
                                **{f"cfg_{key}": v for key, v in t.config.applicable().items()},
                                "best_epoch": t.best_epoch, "chosen": i == best,
@@ -179,12 +198,13 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
 
     logreg = None
     if settings.baseline == "logreg":
-        lr = logreg_baseline(train.features, train.labels, val.features, val.labels, metric=metric, num_classes=c)
-        lr_val = compute_metrics(val.labels, lr.predict_proba(val.features), top_k=k)
-        lr_proba = lr.predict_proba(test.features)
-        lr_test = compute_metrics(test.labels, lr_proba, top_k=k)
-        # the baseline's test metrics get intervals like the chosen head's (same resamples: same seed)
-        lr_ci = bootstrap_ci(test.labels, lr_proba, n_boot=settings.bootstrap, seed=seed, top_k=k)
+        with phase("logreg baseline", "L-BFGS over the C path, its test CIs"):
+            lr = logreg_baseline(train.features, train.labels, val.features, val.labels, metric=metric, num_classes=c)
+            lr_val = compute_metrics(val.labels, lr.predict_proba(val.features), top_k=k)
+            lr_proba = lr.predict_proba(test.features)
+            lr_test = compute_metrics(test.labels, lr_proba, top_k=k)
+            # the baseline's test metrics get intervals like the chosen head's (same resamples: same seed)
+            lr_ci = bootstrap_ci(test.labels, lr_proba, n_boot=settings.bootstrap, seed=seed, top_k=k)
         logreg = {"C": lr.C, "val": lr_val, "test": lr_test, "test_ci": lr_ci}
         rows.append({"backbone": info["backbone"], "image_size": info["image_size"], "head": f"logreg-C{lr.C:g}",
                      "cfg_type": "logreg", "chosen": False, **{f"val_{m}": lr_val[m] for m in METRIC_NAMES},
@@ -196,26 +216,30 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     # The chosen head, loadable on its backbone with torch.load(weights_only=True).
     head_path = out / "heads" / f"{name}.pt"
     head_path.parent.mkdir(parents=True, exist_ok=True)
-    save_torch(head_checkpoint(chosen.head, chosen.config, dim=train.features.shape[1], num_classes=c, info={
-        **{key: info[key] for key in ("backbone", "model", "model_kwargs", "weights", "weights_location",
-                                      "image_size", "data_config", "classes")},
-        "metric": metric, "val_metric": chosen.val_metric, "seed": seed,
-    }), head_path)
-    head_onnx = export_head_onnx(chosen.head, train.features.shape[1], head_path.with_suffix(".onnx"))
+    with phase("head files", "checkpoint and ONNX"):
+        save_torch(head_checkpoint(chosen.head, chosen.config, dim=train.features.shape[1], num_classes=c, info={
+            **{key: info[key] for key in ("backbone", "model", "model_kwargs", "weights", "weights_location",
+                                          "image_size", "data_config", "classes")},
+            "metric": metric, "val_metric": chosen.val_metric, "seed": seed,
+        }), head_path)
+        head_onnx = export_head_onnx(chosen.head, train.features.shape[1], head_path.with_suffix(".onnx"))
     history_path = out / "history" / f"{name}.csv"
-    write_csv(history_path, chosen.history)
-    plot_confusion(np.asarray(test_metrics["confusion"]), classes,
-                   f"{name} — {chosen.config.name}\ntest {metric} {test_metrics[metric]:.3f}",
-                   out / "confusion" / f"{name}.png", random_weights=info["weights"] == "random")
+    with phase("history and plot"):
+        write_csv(history_path, chosen.history)
+        plot_confusion(np.asarray(test_metrics["confusion"]), classes,
+                       f"{name} — {chosen.config.name}\ntest {metric} {test_metrics[metric]:.3f}",
+                       out / "confusion" / f"{name}.png", random_weights=info["weights"] == "random")
     entry = {**info, "head": chosen.config.name, "head_config": chosen.config.to_dict(), "val": val_best,
              "test": test_metrics, "test_ci": ci, "logreg": logreg, "transfer": transfer, "n_heads": len(configs),
-             "grid_seconds": grid_seconds, "seconds": time.perf_counter() - t0,
+             "grid_seconds": phase.seconds["grid"], "seconds": time.perf_counter() - t0,
+             "phase_seconds": phase.seconds,
              "head_file": str(published / head_path.relative_to(out)),
              "head_onnx": str(published / head_onnx.relative_to(out)) if head_onnx else None,
              "history_file": str(published / history_path.relative_to(out)),
              "cv": {"mean": float(cv["mean"][best]), "std": float(cv["std"][best]), "folds": folds} if cv else None}
-    log.info("%s: best %s, val %s %.4f, test %.4f [%.3f, %.3f]; %d heads in %.2fs", name, chosen.config.name, metric,
-             val_best[metric], test_metrics[metric], *ci[metric], len(configs), grid_seconds)
+    log.info("%s: best %s, val %s %.4f, test %.4f [%.3f, %.3f]; %d heads in %.2fs, %.1fs in all", name,
+             chosen.config.name, metric, val_best[metric], test_metrics[metric], *ci[metric], len(configs),
+             phase.seconds["grid"], entry["seconds"])
     return entry, rows
 
 

@@ -3,10 +3,10 @@
 Heads of one family (linear, or MLP with the same hidden sizes) are stacked: their
 weights live in one tensor with a head axis, so one matrix multiply per mini-batch
 serves them all. Per-head losses are summed; heads share no parameters, so each
-head's gradient is exactly that of its own loss. Each head's slice is updated by
-torch's own (fused) AdamW — or Adam with an L2 penalty, for heads whose ``decay`` is
-"l2" — with that head's learning rate and weight decay, following its own warm-up +
-cosine schedule over its own number of epochs.
+head's gradient is exactly that of its own loss. One vectorised step updates every
+head as torch's AdamW would — or Adam with an L2 penalty, for heads whose ``decay``
+is "l2" — with that head's learning rate and weight decay, following its own warm-up
++ cosine schedule over its own number of epochs.
 
 Initialisation, dropout masks and batch order are seeded per head (and per epoch),
 so a head trains the same alone as inside a grid. Heads that early-stop are
@@ -112,10 +112,11 @@ def lr_factors(step: int, epochs: torch.Tensor, warmup_epochs: int, steps_per_ep
 
 
 class HeadStack:
-    """Heads of one architecture stacked along a leading head axis, with their Adam(W) state.
+    """Heads of one architecture stacked along a head axis, with their Adam(W) state.
 
-    Layer l of head h is ``weights[l][h]`` (in, out) and ``biases[l][h]`` (out,). Head-major
-    storage keeps each head's slice contiguous, so torch's fused AdamW kernel updates it in place
+    Layer l of head h is ``weights[l][:, h]`` (in, out) and ``biases[l][h]`` (out,). The head axis is the
+    weights' middle one, so the first layer of every head is one (in, heads * out) matrix — one matrix
+    multiply per mini-batch, with no copy — and one vectorised Adam(W) step updates every head at once
     with that head's own learning rate and weight decay.
     """
 
@@ -124,16 +125,17 @@ class HeadStack:
         self.members = list(members)  # indices into the grid
         self.index = torch.tensor(self.members, device=device)
         linears = [[m for m in heads[i].modules() if isinstance(m, nn.Linear)] for i in members]
-        self.weights = [torch.stack([ls[layer].weight.detach().T for ls in linears]).contiguous().to(device).requires_grad_()
+        self.weights = [torch.stack([ls[layer].weight.detach().T for ls in linears], 1).contiguous().to(device).requires_grad_()
                         for layer in range(len(linears[0]))]
         self.biases = [torch.stack([ls[layer].bias.detach() for ls in linears]).to(device).requires_grad_()
                        for layer in range(len(linears[0]))]
         self.dropout = torch.tensor([configs[i].dropout for i in members], device=device)
         self.configs = configs  # the whole grid, indexed by self.members
+        self.decoupled = torch.tensor([configs[i].decay == "decoupled" for i in members], device=device)
         self.generators = [torch.Generator().manual_seed(configs[i].seed_for(seed) + 1) for i in members]
-        # Per parameter: exp_avg, exp_avg_sq (stacked like the parameter) and one step counter per head.
-        self.state = {id(p): (torch.zeros_like(p), torch.zeros_like(p), [torch.tensor(0.0) for _ in members])
-                      for p in self.params()}
+        # Per parameter: exp_avg and exp_avg_sq, stacked like the parameter. Every head of a stack steps together.
+        self.state = {id(p): (torch.zeros_like(p), torch.zeros_like(p)) for p in self.params()}
+        self.steps = 0
         self.fused = device.type in ("cpu", "cuda", "mps")
 
     def params(self) -> list[torch.Tensor]:
@@ -141,51 +143,73 @@ class HeadStack:
 
     def logits(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """(B, heads, C) for standardised features ``x`` (B, D)."""
-        w0 = self.weights[0]  # (H, D, out): one matrix multiply serves every head's first layer
-        out = (x @ w0.permute(1, 0, 2).reshape(w0.shape[1], -1)).view(len(x), w0.shape[0], -1) + self.biases[0]
+        w0 = self.weights[0]  # (D, H, out)
+        out = (x @ w0.view(w0.shape[0], -1)).view(len(x), w0.shape[1], -1) + self.biases[0]
         for w, b in zip(self.weights[1:], self.biases[1:]):
             out = F.gelu(out)
             if train and bool((self.dropout > 0).any()):
                 keep = torch.stack([torch.rand(len(x), out.shape[2], generator=g) for g in self.generators], 1)
                 p = self.dropout.view(1, -1, 1)
                 out = out * (keep.to(out.device) >= p) / (1 - p)
-            out = torch.einsum("bhi,hio->bho", out, w) + b
+            out = torch.einsum("bhi,iho->bho", out, w) + b
         return out
 
     def optimizer_step(self, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
-        """One ``torch.optim.AdamW`` step per head with its own ``lr`` and ``weight_decay`` (no decay on biases);
-        ``torch.optim.Adam``'s L2 form (the penalty's gradient added to the loss's) for heads whose ``decay`` is "l2".
-        """
-        lr_list, wd_list = lr.tolist(), weight_decay.tolist()
-        for params, decay in ((self.weights, True), (self.biases, False)):
-            for h in range(len(self.members)):
+        """One step of ``torch.optim.AdamW`` for every head, with its own ``lr`` and ``weight_decay`` (none on
+        biases); ``torch.optim.Adam``'s L2 form (the penalty's gradient added to the loss's) for heads whose
+        ``decay`` is "l2". The same arithmetic as torch's single-tensor implementation, over the head axis."""
+        self.steps += 1
+        uniform = (bool((lr == lr[0]).all()) and bool((weight_decay == weight_decay[0]).all())
+                   and len({self.configs[i].decay for i in self.members}) == 1)
+        if uniform and self.fused:  # every head steps alike (e.g. the MLP family): torch's own fused kernel
+            decoupled = self.configs[self.members[0]].decay == "decoupled"
+            for params, wd in ((self.weights, float(weight_decay[0])), (self.biases, 0.0)):
                 states = [self.state[id(p)] for p in params]
-                adam([p.data[h] for p in params], [p.grad[h] for p in params], [s[0][h] for s in states],
-                     [s[1][h] for s in states], [], [s[2][h] for s in states], fused=self.fused, foreach=False,
-                     decoupled_weight_decay=self.configs[self.members[h]].decay == "decoupled", amsgrad=False,
-                     beta1=BETAS[0], beta2=BETAS[1], lr=lr_list[h], weight_decay=wd_list[h] if decay else 0.0,
-                     eps=EPS, maximize=False)
-        for p in self.params():
-            p.grad = None
+                adam(params, [p.grad for p in params], [s[0] for s in states], [s[1] for s in states], [],
+                     [torch.tensor(float(self.steps - 1)) for _ in params], fused=True, foreach=False,
+                     decoupled_weight_decay=decoupled, amsgrad=False, beta1=BETAS[0], beta2=BETAS[1],
+                     lr=float(lr[0]), weight_decay=wd, eps=EPS, maximize=False)
+            for p in self.params():
+                p.grad = None
+            return
+        bias1 = 1 - BETAS[0] ** self.steps
+        bias2_sqrt = math.sqrt(1 - BETAS[1] ** self.steps)
+        any_decoupled, all_decoupled = bool(self.decoupled.any()), bool(self.decoupled.all())
+        with torch.no_grad():
+            for p in self.params():
+                shape = (1, -1, 1) if p.ndim == 3 else (-1, 1)  # where the head axis is
+                h_lr = lr.view(shape)
+                grad, (m, v) = p.grad, self.state[id(p)]
+                if p.ndim == 3:  # weights: biases are not decayed
+                    h_wd = weight_decay.view(shape)
+                    if not all_decoupled:
+                        grad.addcmul_(p, torch.where(self.decoupled.view(shape), 0.0, h_wd))
+                    if any_decoupled:
+                        p.mul_(1 - torch.where(self.decoupled.view(shape), h_lr * h_wd, 0.0))
+                m.lerp_(grad, 1 - BETAS[0])
+                v.mul_(BETAS[1]).addcmul_(grad, grad, value=1 - BETAS[1])
+                p.addcdiv_(m * (h_lr / bias1), v.sqrt().div_(bias2_sqrt).add_(EPS), value=-1.0)
+                p.grad = None
 
     def keep(self, positions: list[int]) -> None:
         """Drop every head not at ``positions`` (early-stopped ones) from the stack and its optimiser state."""
         idx = torch.tensor(positions, device=self.weights[0].device)
         new_state = {}
-        for group in (self.weights, self.biases):
+        for group, axis in ((self.weights, 1), (self.biases, 0)):
             for j, p in enumerate(group):
-                m, v, steps = self.state[id(p)]
-                group[j] = p.detach().index_select(0, idx).requires_grad_()
-                new_state[id(group[j])] = (m.index_select(0, idx), v.index_select(0, idx), [steps[i] for i in positions])
+                m, v = self.state[id(p)]
+                group[j] = p.detach().index_select(axis, idx).requires_grad_()
+                new_state[id(group[j])] = (m.index_select(axis, idx), v.index_select(axis, idx))
         self.state = new_state
         self.members = [self.members[i] for i in positions]
         self.index = self.index[idx]
         self.dropout = self.dropout[idx]
+        self.decoupled = self.decoupled[idx]
         self.generators = [self.generators[i] for i in positions]
 
     def export(self, position: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight, bias) per layer of one head, in nn.Linear's (out, in) layout."""
-        return [(w[position].detach().T.cpu().clone(), b[position].detach().cpu().clone())
+        return [(w[:, position].detach().T.cpu().clone(), b[position].detach().cpu().clone())
                 for w, b in zip(self.weights, self.biases)]
 
 

@@ -24,7 +24,16 @@ from probe.baseline import logreg_baseline
 from probe.classifier import load_classifier, load_head
 from probe.cli import main as probe_main
 from probe.leaderboard import mark_ties
-from probe.metrics import _from_confusion, bootstrap_ci, compute_metrics, confusion_batch
+from probe.metrics import (
+    METRICS,
+    _bootstrap_roc_auc,
+    _from_confusion,
+    bootstrap_ci,
+    compute_metrics,
+    confusion_batch,
+    draw_counts,
+    metrics_of_heads,
+)
 from probe.pipeline import export_head_onnx, probe_cache, run_probe
 from probe.train import Examples, Fit, HeadStack, train_grid
 
@@ -115,6 +124,26 @@ class _nullcontext:
         return False
 
 
+@pytest.mark.parametrize("c", [2, 3, 10])
+def test_metrics_of_heads_equal_scikit_learn(c: int) -> None:
+    """The results table's numpy metrics for many heads at once are compute_metrics' (scikit-learn's): float32
+    softmax outputs, kNN-like vote shares full of ties, and a class missing from the split."""
+    rng = np.random.default_rng(c)
+    y = rng.integers(0, c, 90)
+    soft = torch.randn(90, c).mul(3).softmax(1).numpy()  # float32, as heads give
+    votes = np.stack([np.bincount(rng.integers(0, c, 5), minlength=c) for _ in range(90)]) / 5.0  # ties
+    missing = np.where(y == c - 1, 0, y)  # last class absent
+    for labels, probas in ((y, [soft, votes]), (missing, [soft, votes])):
+        fast = metrics_of_heads(labels, probas)
+        for got, p in zip(fast, probas):
+            want = compute_metrics(labels, p)
+            for name in METRICS:
+                if np.isnan(want[name]):
+                    assert np.isnan(got[name]), name
+                else:
+                    assert got[name] == pytest.approx(want[name], rel=1e-6, abs=1e-12), name  # float32 sums
+
+
 def test_bootstrap_ci() -> None:
     y, proba = random_predictions(3, n=400)
     ci = bootstrap_ci(y, proba, n_boot=500, seed=0)
@@ -128,6 +157,29 @@ def test_bootstrap_ci() -> None:
     y4, p4 = np.tile(y, 4), np.tile(proba, (4, 1))
     lo4, hi4 = bootstrap_ci(y4, p4, n_boot=500, seed=0)["accuracy"]
     assert hi4 - lo4 < ci["accuracy"][1] - ci["accuracy"][0]
+
+
+@pytest.mark.parametrize("c", [2, 4])
+def test_bootstrap_roc_auc_equals_scikit_learn_per_resample(c: int) -> None:
+    """Each resample's ROC-AUC, computed all at once from draw counts, is scikit-learn's on that resample —
+    with tied scores (rounded probabilities), and with resamples that miss a class left out."""
+    y, proba = random_predictions(7, n=60, c=c)
+    proba = np.round(proba, 1) + 1e-3  # ties; no row of zeros
+    idx = np.random.default_rng(1).integers(0, 60, (300, 60))
+    if c == 4:
+        other = int(np.flatnonzero(y != 3)[0])
+        idx[:5] = np.where(y[idx[:5]] == 3, other, idx[:5])  # class 3 never drawn: undefined, left out
+    expected = []
+    for row in idx:
+        if len(np.unique(y[row])) < c:
+            continue
+        if c == 2:
+            expected.append(skm.roc_auc_score(y[row], proba[row, 1]))
+        else:
+            p = proba[row] / proba[row].sum(1, keepdims=True)
+            expected.append(skm.roc_auc_score(y[row], p, multi_class="ovr", average="macro"))
+    np.testing.assert_allclose(_bootstrap_roc_auc(y, proba, draw_counts(idx, 60)), expected, rtol=1e-9)
+    assert len(expected) < 300 if c == 4 else len(expected) == 300
 
 
 def test_ties() -> None:
@@ -168,29 +220,40 @@ def test_shipped_grid() -> None:
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("decay", ["decoupled", "l2"])
-def test_stacked_heads_step_like_torch_optimizers(decay: str) -> None:
-    """Each head's step is torch's AdamW (decoupled decay) or Adam with an L2 penalty, weights only."""
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
-    cfg = HeadConfig(type="linear", lr=0.05, weight_decay=0.3, decay=decay)
+@pytest.mark.parametrize("decay", ["decoupled", "l2", "mixed"])
+@pytest.mark.parametrize("alike", [True, False], ids=["same-lr", "own-lr"])
+def test_stacked_heads_step_like_torch_optimizers(decay: str, alike: bool) -> None:
+    """Each head's step is torch's AdamW (decoupled decay) or Adam with an L2 penalty, weights only: through torch's
+    fused kernel when every head steps alike, through the vectorised step when each has its own lr and decay."""
     from probe.heads import build_head
 
-    ref = build_head(cfg, 12, 3, torch.zeros(12), torch.ones(12))
-    mine = build_head(cfg, 12, 3, torch.zeros(12), torch.ones(12))
-    mine.load_state_dict(ref.state_dict())
-    optimizer = torch.optim.AdamW if decay == "decoupled" else torch.optim.Adam
-    opt = optimizer([{"params": [ref.fc.weight], "weight_decay": 0.3}, {"params": [ref.fc.bias], "weight_decay": 0.0}], lr=0.05)
-    fam = HeadStack({0: mine}, [cfg], [0], seed=0, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    decays = ["decoupled", "l2"] if decay == "mixed" else [decay, decay]
+    lrs, wds = ([0.05, 0.05], [0.3, 0.3]) if alike else ([0.05, 0.01], [0.3, 0.02])
+    cfgs = [HeadConfig(type="linear", lr=lr, weight_decay=wd, decay=d, class_weighted=bool(i))
+            for i, (lr, wd, d) in enumerate(zip(lrs, wds, decays))]
+    refs = [build_head(c, 12, 3, torch.zeros(12), torch.ones(12)) for c in cfgs]
+    mine = {i: build_head(c, 12, 3, torch.zeros(12), torch.ones(12)) for i, c in enumerate(cfgs)}
+    opts = []
+    for ref, own, c in zip(refs, mine.values(), cfgs):
+        own.load_state_dict(ref.state_dict())
+        optimizer = torch.optim.AdamW if c.decay == "decoupled" else torch.optim.Adam
+        opts.append(optimizer([{"params": [ref.fc.weight], "weight_decay": c.weight_decay},
+                               {"params": [ref.fc.bias], "weight_decay": 0.0}], lr=c.lr))
+    fam = HeadStack(mine, cfgs, [0, 1], seed=0, device=torch.device("cpu"))
     for _step in range(1, 8):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(ref(x), y).backward()
-        opt.step()
-        torch.nn.functional.cross_entropy(fam.logits(x, train=False)[:, 0], y).backward()
-        fam.optimizer_step(torch.tensor([0.05]), torch.tensor([0.3]))
-    w, b = fam.export(0)[0]
-    torch.testing.assert_close(w, ref.fc.weight.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b, ref.fc.bias.detach(), rtol=1e-5, atol=1e-6)
+        for ref, opt in zip(refs, opts):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(x), y).backward()
+            opt.step()
+        logits = fam.logits(x, train=False)
+        sum(torch.nn.functional.cross_entropy(logits[:, h], y) for h in range(2)).backward()
+        fam.optimizer_step(torch.tensor(lrs), torch.tensor(wds))
+    for h, ref in enumerate(refs):
+        w, b = fam.export(h)[0]
+        torch.testing.assert_close(w, ref.fc.weight.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, ref.fc.bias.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_l2_decay_optimum_is_logistic_regression() -> None:
@@ -270,9 +333,34 @@ def test_logreg_baseline_chooses_on_validation() -> None:
     xv[:, 0] += yv
     res = logreg_baseline(xt, yt, xv, yv, metric="accuracy", cs=(0.001, 0.1, 10.0))
     assert res.val_metric == max(res.val_by_C.values()) and res.val_by_C[res.C] == res.val_metric
-    s = StandardScaler().fit(xt)
-    ref = LogisticRegression(C=res.C, max_iter=1000).fit(s.transform(xt), yt)
-    np.testing.assert_allclose(res.predict_proba(xv), ref.predict_proba(s.transform(xv)), atol=1e-4)
+    assert set(res.val_by_C) == {0.001, 0.1, 10.0}
+
+
+@pytest.mark.parametrize("absent", [False, True], ids=["all-classes", "class-absent-from-train"])
+def test_logreg_baseline_is_scikit_learns_logistic_regression(absent: bool) -> None:
+    """At the chosen C, the baseline is scikit-learn's LogisticRegression: as close to the exact optimum as
+    scikit-learn's own solver at the same tolerance, the same predictions, and at a tight tolerance the same
+    probabilities. A class never seen in training gets probability 0, as scikit-learn's classes_ imply."""
+    rng = np.random.default_rng(2)
+    n, d, c = 300, 20, 4
+    y = rng.integers(0, 3 if absent else c, n)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 10, d) + np.eye(c)[y] @ rng.normal(size=(c, d)) * 2
+    xv, yv = x[200:], np.where(np.arange(100) % 10 == 0, c - 1, y[200:])  # validation has every class
+    s = StandardScaler().fit(x[:200])
+    ours = logreg_baseline(x[:200], y[:200], xv, yv, metric="accuracy", num_classes=c)
+    exact = LogisticRegression(C=ours.C, tol=1e-10, max_iter=10_000).fit(s.transform(x[:200]), y[:200])
+    default = LogisticRegression(C=ours.C).fit(s.transform(x[:200]), y[:200])
+    p_ours = ours.predict_proba(xv)
+    p_exact, p_default = (np.zeros((100, c)), np.zeros((100, c)))
+    p_exact[:, exact.classes_] = exact.predict_proba(s.transform(xv))
+    p_default[:, default.classes_] = default.predict_proba(s.transform(xv))
+    assert p_ours.shape == (100, c) and np.allclose(p_ours.sum(1), 1)
+    if absent:
+        assert (p_ours[:, c - 1] == 0).all()
+    assert np.abs(p_ours - p_exact).max() <= 1.5 * np.abs(p_default - p_exact).max() + 1e-4
+    np.testing.assert_array_equal(p_ours.argmax(1), p_default.argmax(1))
+    tight = logreg_baseline(x[:200], y[:200], xv, yv, metric="accuracy", num_classes=c, cs=(ours.C,), tol=1e-7)
+    np.testing.assert_allclose(tight.predict_proba(xv), p_exact, atol=2e-4)
 
 
 # ----------------------------------------------------------------------------- pipeline
