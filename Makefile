@@ -34,7 +34,9 @@ demo: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/startup.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/extract_overhead.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/extract_calibration.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/probe_vs_naive.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/probe_speed.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/search_nevergrad_vs_random.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/frozen_phase_cache.py
 

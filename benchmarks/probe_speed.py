@@ -164,7 +164,7 @@ def part_10k() -> None:
     train_grid(grid.heads, tr, va, C, Fit(options=grid.train))
     grid_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = logreg_baseline(tr.features, tr.labels, va.features, va.labels, num_classes=C)
+    ours = logreg_baseline(tr, va, num_classes=C)
     ours_s = time.perf_counter() - t0
     sk_s = sklearn_path(tr.features, tr.labels, DEFAULT_CS)
     print(f"   whole grid ({len(grid.heads)} heads): {grid_s:.1f} s")

@@ -26,7 +26,10 @@ class ExtractSettings(JobCommandSettings):
     image_size: tuple[Annotated[int, Field(ge=16, le=4096)], ...] = Field(
         (), description="input size(s) overriding each backbone's own; several give a resolution sweep",
         json_schema_extra={"default_text": "each backbone's own"})
-    batch_size: int = Field(64, ge=1, description="images per forward pass (halved automatically on out-of-memory)")
+    batch_size: int | None = Field(None, ge=1, description="images per forward pass (halved automatically on "
+                                   "out-of-memory)", json_schema_extra={
+                                       "default_text": "on a CPU the fastest of 1/4/16/64 with the best torch thread "
+                                                       "count, measured once per machine and backbone; 64 on a GPU"})
     workers: int | None = Field(None, ge=0, description="DataLoader decoding workers",
                                 json_schema_extra={"default_text": "one per spare core, at most 8"})
     device: Device = Field("auto", description="compute device (auto: CUDA, then MPS, then the CPU)")

@@ -27,6 +27,7 @@ from cache import schema
 from cache.reader import open_cache, read_key
 from cache.writer import CacheWriter, Rows, resume_point, update_annotations
 from configs.extract import ExtractSettings
+from extract import calibration
 from extract.backbones import BackboneSpec
 from extract.dataset import Dataset, decode_workers
 from extract.models import Weights, library_versions
@@ -116,7 +117,7 @@ class _Forward:
         self.model, self.device, self.store_maps, self.micro = model, device, store_maps, batch_size
         self.channels_last = device.type == "cuda"
 
-    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -131,7 +132,7 @@ class _Forward:
         while i < len(batch):
             chunk = batch[i:i + self.micro]
             try:
-                p, m = self._run(chunk)
+                p, m = self.run(chunk)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc) or self.micro == 1:
                     raise
@@ -270,6 +271,12 @@ def extract_one(
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    if batch_size is None:  # measured on this machine, not guessed (extract/calibration.py)
+        chosen = calibration.choose(f"{spec.name}@{size}", _Forward(model, device, store_maps, 1).run,
+                                    tuple(data_cfg["input_size"]), device, workers, len(plan) - start)
+        batch_size, threads = chosen.batch_size, chosen.threads
+    else:
+        threads = None
     eval_tf = timm.data.create_transform(**data_cfg, is_training=False)
     train_tf = timm.data.create_transform(**data_cfg, is_training=True) if views else None
     loader = DataLoader(
@@ -277,7 +284,8 @@ def extract_one(
         batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
-    meta = {"versions": library_versions(), "untrained_modules": untrained,
+    meta = {"versions": library_versions(), "untrained_modules": untrained, "batch_size": batch_size,
+            "torch_threads": threads or torch.get_num_threads(), "decode_workers": workers,
             "params": sum(p.numel() for p in model.parameters()), "weights_source": weights.kind,
             "weights_location": weights.location, "device": str(device), "random_weights": weights.is_random}
 
@@ -293,11 +301,12 @@ def extract_one(
     bar = progress(total=len(plan), initial=start, desc=f"{spec.name}@{size}", unit="img", leave=False,
                    enabled=s.progress)
     try:
-        for batch in loader:
-            pooled, maps = forward(batch)
-            sink.put(row, pooled.astype(dtype, copy=False), maps)
-            row += len(batch)
-            bar.update(len(batch))
+        with calibration.torch_threads(threads):
+            for batch in loader:
+                pooled, maps = forward(batch)
+                sink.put(row, pooled.astype(dtype, copy=False), maps)
+                row += len(batch)
+                bar.update(len(batch))
     except BaseException:
         bar.close()
         try:

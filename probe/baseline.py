@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from probe.metrics import METRICS, fast_metric
+from probe.train import Labelled
 
 DEFAULT_CS = tuple(np.logspace(-4, 4, 17))
 
@@ -74,10 +75,10 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
         yield c, coef.clone(), intercept.clone(), int(opt.state[coef].get("n_iter", 0))
 
 
-def logreg_baseline(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
-                    metric: str = "macro_f1", cs: tuple[float, ...] = DEFAULT_CS, max_iter: int = 1000,
-                    tol: float = 1e-4, num_classes: int | None = None) -> LogRegResult:
-    """Fit one model per C (warm-started from strong to weak regularisation); keep the best on validation."""
+def logreg_baseline(train: Labelled, val: Labelled, *, metric: str = "macro_f1", cs: tuple[float, ...] = DEFAULT_CS,
+                    max_iter: int = 1000, tol: float = 1e-4, num_classes: int | None = None) -> LogRegResult:
+    """Fit one model per C on ``train`` (warm-started from strong to weak regularisation); keep the best on ``val``."""
+    x_train, y_train, x_val, y_val = train.features, train.labels, val.features, val.labels
     higher = METRICS[metric]
     y_train = np.asarray(y_train)
     num_classes = num_classes or int(max(y_train.max(), np.asarray(y_val).max())) + 1

@@ -199,7 +199,7 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     logreg = None
     if settings.baseline == "logreg":
         with phase("logreg baseline", "L-BFGS over the C path, its test CIs"):
-            lr = logreg_baseline(train.features, train.labels, val.features, val.labels, metric=metric, num_classes=c)
+            lr = logreg_baseline(train, val, metric=metric, num_classes=c)
             lr_val = compute_metrics(val.labels, lr.predict_proba(val.features), top_k=k)
             lr_proba = lr.predict_proba(test.features)
             lr_test = compute_metrics(test.labels, lr_proba, top_k=k)

@@ -331,7 +331,7 @@ def test_logreg_baseline_chooses_on_validation() -> None:
     xt[:, 0] += yt
     xv, yv = rng.normal(size=(60, 8)), rng.integers(0, 3, 60)
     xv[:, 0] += yv
-    res = logreg_baseline(xt, yt, xv, yv, metric="accuracy", cs=(0.001, 0.1, 10.0))
+    res = logreg_baseline(Examples(xt, yt), Examples(xv, yv), metric="accuracy", cs=(0.001, 0.1, 10.0))
     assert res.val_metric == max(res.val_by_C.values()) and res.val_by_C[res.C] == res.val_metric
     assert set(res.val_by_C) == {0.001, 0.1, 10.0}
 
@@ -347,7 +347,8 @@ def test_logreg_baseline_is_scikit_learns_logistic_regression(absent: bool) -> N
     x = rng.normal(size=(n, d)) * rng.uniform(0.1, 10, d) + np.eye(c)[y] @ rng.normal(size=(c, d)) * 2
     xv, yv = x[200:], np.where(np.arange(100) % 10 == 0, c - 1, y[200:])  # validation has every class
     s = StandardScaler().fit(x[:200])
-    ours = logreg_baseline(x[:200], y[:200], xv, yv, metric="accuracy", num_classes=c)
+    train, val = Examples(x[:200], y[:200]), Examples(xv, yv)
+    ours = logreg_baseline(train, val, metric="accuracy", num_classes=c)
     exact = LogisticRegression(C=ours.C, tol=1e-10, max_iter=10_000).fit(s.transform(x[:200]), y[:200])
     default = LogisticRegression(C=ours.C).fit(s.transform(x[:200]), y[:200])
     p_ours = ours.predict_proba(xv)
@@ -359,7 +360,7 @@ def test_logreg_baseline_is_scikit_learns_logistic_regression(absent: bool) -> N
         assert (p_ours[:, c - 1] == 0).all()
     assert np.abs(p_ours - p_exact).max() <= 1.5 * np.abs(p_default - p_exact).max() + 1e-4
     np.testing.assert_array_equal(p_ours.argmax(1), p_default.argmax(1))
-    tight = logreg_baseline(x[:200], y[:200], xv, yv, metric="accuracy", num_classes=c, cs=(ours.C,), tol=1e-7)
+    tight = logreg_baseline(train, val, metric="accuracy", num_classes=c, cs=(ours.C,), tol=1e-7)
     np.testing.assert_allclose(tight.predict_proba(xv), p_exact, atol=2e-4)
 
 
