@@ -72,7 +72,9 @@ def main() -> int:
                     print(f"   (a) forward only, {threads} thread(s), batch {b:3d}: {rate:7.1f} images/s", flush=True)
             best = max(table, key=lambda r: r[2])
             t0 = time.perf_counter()
-            chosen = calibration.choose(name, forward, shape, torch.device("cpu"), default_workers(), len(dataset.samples))
+            # The name extraction looks it up by: extraction below uses this calibration, not a second one.
+            chosen = calibration.choose(f"{spec.name}@{shape[-1]}", forward, shape, torch.device("cpu"), default_workers(),
+                                        len(dataset.samples))
             cost = time.perf_counter() - t0
             print(f"   best of (a): batch {best[1]}, {best[0]} thread(s), {best[2]:.1f} images/s")
             print(f"   (b) calibration chose batch {chosen.batch_size}, {chosen.threads} thread(s) in {cost:.1f} s")

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 BATCH_SIZES = (1, 4, 16, 64)
 GPU_BATCH_SIZE = 64
 MIN_SECONDS = 0.25  # of timed forward passes per setting, after one warm-up batch
+LONG_BATCH_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,8 @@ def throughput(forward: Callable[[torch.Tensor], object], batch: torch.Tensor, t
 def measure(forward: Callable[[torch.Tensor], object], input_size: tuple[int, ...], thread_options: list[int],
             max_batch: int, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> list[Setting]:
     """Forward-only throughput: the first thread count over the batch sizes (ascending, stopping at the first
-    one clearly slower than the best so far: throughput rises to one peak, then falls), each other thread
-    count at the best batch size only — a thread count that loses there does not win elsewhere."""
+    one clearly slower than the best so far — throughput rises to one peak, then falls — or once one batch
+    takes a second), each other thread count at the best batch size only."""
     generator = torch.Generator().manual_seed(0)
     sizes = [b for b in batch_sizes if b <= max_batch] or [max_batch]
     results: list[Setting] = []
@@ -95,7 +96,9 @@ def measure(forward: Callable[[torch.Tensor], object], input_size: tuple[int, ..
         for b in candidates:
             rate = throughput(forward, torch.randn(b, *input_size, generator=generator), threads)
             results.append(Setting(b, threads, rate))
-            if rate < 0.9 * best:
+            # Past the peak; or one batch already takes a second, so a larger one has no overhead left to
+            # amortise (and would cost seconds to time: ResNet-50 @ 224 at batch 64 takes ~10 s per pass here).
+            if rate < 0.9 * best or b / rate >= LONG_BATCH_SECONDS:
                 break
             best = max(best, rate)
     return results

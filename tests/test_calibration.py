@@ -96,3 +96,12 @@ def test_extraction_without_batch_size_uses_the_calibration(cache_home: Path, im
     (again,) = extract_features(ExtractSettings(data=str(image_folder), **{**kwargs, "batch_size": 3, "force": True}))
     with h5py.File(again.path) as f:
         assert json.loads(f.attrs["meta"])["batch_size"] == 3
+
+
+def test_no_larger_batch_once_one_batch_takes_long(cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a batch takes LONG_BATCH_SECONDS, per-batch overheads are amortised: no larger batch is timed
+    (for ResNet-50 @ 224 on 2 cores a batch of 64 alone takes ~10 s)."""
+    monkeypatch.setattr(calibration, "LONG_BATCH_SECONDS", 0.01)  # batch 4 of FakeForward takes 8 ms, 16 takes 16
+    forward = FakeForward()
+    chosen = calibration.choose("slow@224", forward, (3, 8, 8), torch.device("cpu"), workers=1, images=500)
+    assert {b for b, _ in forward.calls} == {1, 4, 16} and chosen.batch_size == 16
