@@ -271,7 +271,9 @@ def extract_one(
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    if batch_size is None:  # measured on this machine, not guessed (extract/calibration.py)
+    if batch_size is None and start >= len(plan):
+        batch_size, threads = 1, None  # every row is written already: nothing to run, nothing to measure
+    elif batch_size is None:  # measured on this machine, not guessed (extract/calibration.py)
         chosen = calibration.choose(f"{spec.name}@{size}", _Forward(model, device, store_maps, 1).run,
                                     tuple(data_cfg["input_size"]), device, workers, len(plan) - start)
         batch_size, threads = chosen.batch_size, chosen.threads

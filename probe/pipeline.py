@@ -150,7 +150,7 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     classes = info["classes"]
     c = len(classes)
     k = settings.top_k or default_top_k(c)
-    name = f"{info['backbone']}@{info['image_size']}"
+    name = phase.name = f"{info['backbone']}@{info['image_size']}"
     configs = grid.heads if settings.grid else (grid.default,)
     if info["weights"] == "random":
         log.warning("%s: features of RANDOM weights (extracted with --no-pretrained)", name)

@@ -165,10 +165,10 @@ class HeadStack:
             decoupled = self.configs[self.members[0]].decay == "decoupled"
             for params, wd in ((self.weights, float(weight_decay[0])), (self.biases, 0.0)):
                 states = [self.state[id(p)] for p in params]
-                adam(params, [p.grad for p in params], [s[0] for s in states], [s[1] for s in states], [],
-                     [torch.tensor(float(self.steps - 1)) for _ in params], fused=True, foreach=False,
-                     decoupled_weight_decay=decoupled, amsgrad=False, beta1=BETAS[0], beta2=BETAS[1],
-                     lr=float(lr[0]), weight_decay=wd, eps=EPS, maximize=False)
+                adam([p.detach() for p in params], [p.grad for p in params], [s[0] for s in states],
+                     [s[1] for s in states], [], [torch.tensor(float(self.steps - 1)) for _ in params], fused=True,
+                     foreach=False, decoupled_weight_decay=decoupled, amsgrad=False, beta1=BETAS[0],
+                     beta2=BETAS[1], lr=float(lr[0]), weight_decay=wd, eps=EPS, maximize=False)
             for p in self.params():
                 p.grad = None
             return
