@@ -60,3 +60,9 @@ def extract_kwargs(tmp_path: Path) -> dict:
         backbones=["test_resnet.r160_in1k"], workdir=tmp_path / "run", pretrained=False,
         image_size=[64], batch_size=8, workers=0, device="cpu", progress=False,
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The few slow end-to-end tests first: started last, one of them would keep a worker busy after the
+    others have finished (longest first is the classic rule for spreading jobs over workers)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

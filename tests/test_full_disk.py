@@ -101,7 +101,7 @@ def test_probe_profiling_and_finetune_on_a_full_disk(small_fs: Path, tmp_path: P
     work = small_fs / "run"
     common = ["--workdir", str(work), "--no-progress"]
     assert run("extract", *common, "--data", str(data), "--backbones", "test_resnet.r160_in1k", "--no-pretrained",
-               "--image-size", "48", "--workers", "0").returncode == 0
+               "--image-size", "48", "--batch-size", "8", "--workers", "0").returncode == 0
 
     def refused(module: str, *args: str, leave: int = 0) -> str:
         filler = fill(small_fs, leave)
@@ -117,7 +117,9 @@ def test_probe_profiling_and_finetune_on_a_full_disk(small_fs: Path, tmp_path: P
     assert not (work / "probe").exists()  # nothing published
     assert run("probe", *common, "--bootstrap", "20").returncode == 0
     results = (work / "probe" / "results.json").read_text()
-    refused("probe", "--grid", leave=20_000)
+    grid = tmp_path / "grid.yaml"  # a small grid: what matters is that its files find no room
+    grid.write_text("heads:\n  linear: {lr: [0.01, 0.1], epochs: [3]}\n  knn: {k: [3]}\n")
+    refused("probe", "--grid", "--grid-file", str(grid), leave=20_000)
     assert (work / "probe" / "results.json").read_text() == results  # the previous complete set stands
 
     timing = ["--batch-sizes", "1", "--min-runs", "2", "--min-seconds", "0", "--warmup", "1", "--provider", "cpu"]

@@ -231,8 +231,8 @@ def test_an_extract_job_slurm_cancels_is_reported_with_its_log_and_the_next_run_
     config = tmp_path / "exp.yaml"
     config.write_text("executor: {cpus_per_task: 1, time: 5}\n")
     args = ["--config", str(config), "--data", str(image_folder), "--backbones", "test_resnet.r160_in1k",
-            "--no-pretrained", "--image-size", "64", "--workdir", str(work), "--device", "cpu", "--workers", "0",
-            "--no-progress", "--executor", "slurm"]
+            "--no-pretrained", "--image-size", "64", "--batch-size", "8", "--workdir", str(work), "--device", "cpu",
+            "--workers", "0", "--no-progress", "--executor", "slurm"]
     canceller = _cancel_when_running("bb-test_resnet.r160_in1k@64")
     assert extract_main(args) == 1
     canceller.join()
@@ -270,7 +270,7 @@ def test_extract_and_profiling_as_slurm_jobs_match_local_runs_and_a_rerun_submit
         torch.set_num_threads(threads)
     work = tmp_path / "cluster"
     args = ["--data", str(image_folder), "--backbones", names, "--no-pretrained", "--image-size", "64",
-            "--workdir", str(work), "--device", "cpu", "--workers", "0", "--no-progress", "--executor", "slurm",
+            "--batch-size", str(local.batch_size), "--workdir", str(work), "--device", "cpu", "--workers", "0", "--no-progress", "--executor", "slurm",
             "--max-jobs", "2"]
     assert extract_main(args) == 0
     for name in names.split(","):
