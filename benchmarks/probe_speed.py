@@ -139,7 +139,7 @@ def part_10k() -> None:
     from configs.probe import load_grid
     from probe.baseline import DEFAULT_CS, logreg_baseline
     from probe.metrics import bootstrap_ci
-    from probe.train import Examples, Fit, train_grid
+    from probe.train import Fit, train_grid
 
     print(f"== 1. the whole probe command on {N:,} x {D:,} float16 features, {C} classes "
           f"({torch.get_num_threads()} torch threads) ==")
@@ -152,7 +152,7 @@ def part_10k() -> None:
         print_phases(wall, phases(work))
         (path,) = (work / "features").glob("*.h5")
         with open_cache(path) as fc:
-            tr, va, te = fc.load("train"), fc.load("val"), fc.load("test")
+            tr, va = fc.load("train"), fc.load("val")
     print(f"\n== 2. its parts, on the same {len(tr.labels):,} train / {len(va.labels):,} val features ==")
     grid = load_grid()
     linear = [h for h in grid.heads if h.type == "linear"]
@@ -180,10 +180,9 @@ def part_10k() -> None:
     bootstrap_ci(y, proba, n_boot=1000)
     print(f"   bootstrap CIs of all 7 metrics, 1,000 resamples of {N:,} test images: {time.perf_counter() - t0:.2f} s"
           "   (goal: well under 1 s)")
-    del te, Examples
 
 
-def extract_then_probe(label: str, extract_args: list[str], goal: float) -> None:
+def extract_then_probe(extract_args: list[str], goal: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ext = command("extract", "--workdir", str(work), *extract_args)
@@ -192,7 +191,6 @@ def extract_then_probe(label: str, extract_args: list[str], goal: float) -> None
         print(f"   extraction ({n} backbone(s)): {ext:.1f} s; whole probe command: {wall:.1f} s; "
               f"probe / extraction = {wall / ext:.1%}   (goal <= {goal:.0%})")
         print_phases(wall, phases(work))
-    del label
 
 
 def main() -> int:
@@ -204,10 +202,10 @@ def main() -> int:
     part_10k()
     if not args.skip_demo:
         print("\n== 3. the demo experiment (configs/demo.yaml, random weights) ==")
-        extract_then_probe("demo", ["--config", "configs/demo.yaml", "--no-pretrained"], 0.25)
+        extract_then_probe(["--config", "configs/demo.yaml", "--no-pretrained"], 0.25)
     if not args.skip_resnet50:
         print("\n== 4. ResNet-50 @ 224 px on the demo digits (random weights) ==")
-        extract_then_probe("resnet50", ["--data", "demo", "--backbones", "resnet50.a1_in1k", "--no-pretrained"], 0.05)
+        extract_then_probe(["--data", "demo", "--backbones", "resnet50.a1_in1k", "--no-pretrained"], 0.05)
     return 0
 
 

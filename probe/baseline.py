@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.preprocessing import StandardScaler
 
 from probe.metrics import METRICS, fast_metric
 from probe.train import Labelled
@@ -37,13 +38,6 @@ class LogRegResult:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         z = torch.as_tensor((np.asarray(x, np.float32) - self.mean) / self.scale).double()
         return (z @ torch.as_tensor(self.coef).T + torch.as_tensor(self.intercept)).softmax(1).numpy()
-
-
-def standard_scaling(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``StandardScaler``'s mean and scale (population std; 1 where a feature is constant)."""
-    x64 = np.asarray(x, np.float64)
-    mean, std = x64.mean(0), x64.std(0)
-    return mean.astype(np.float32), np.where(std < 10 * np.finfo(np.float64).eps, 1.0, std).astype(np.float32)
 
 
 def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int = 1000, tol: float = 1e-4
@@ -83,7 +77,8 @@ def logreg_baseline(train: Labelled, val: Labelled, *, metric: str = "macro_f1",
     y_train = np.asarray(y_train)
     num_classes = num_classes or int(max(y_train.max(), np.asarray(y_val).max())) + 1
     present = np.unique(y_train)  # like scikit-learn, a class never seen in training gets probability 0
-    mean, scale = standard_scaling(x_train)
+    scaler = StandardScaler().fit(x_train)
+    mean, scale = scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32)
     x = torch.as_tensor((np.asarray(x_train, np.float32) - mean) / scale)
     y = torch.as_tensor(np.searchsorted(present, y_train))
     y_val = np.asarray(y_val)

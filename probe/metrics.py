@@ -144,24 +144,31 @@ def metrics_of_heads(y_true: np.ndarray, probas: list[np.ndarray], *, top_k: int
     ones = np.ones((n, 1), np.float32)
     confusion = np.stack([confusion_batch(y_true, p.argmax(1), c)[0] for p in probas])
     table = _from_confusion(confusion)
+    every_class = len(np.unique(y_true)) == c  # ROC-AUC is undefined when a class is absent
     out = []
     for h, p in enumerate(probas):
-        # scikit-learn's order among tied scores (kNN vote shares tie often): the later class first
-        topk = np.argsort(p, axis=1, kind="mergesort")[:, ::-1][:, :k] if c > 2 else p.argmax(1)[:, None]
-        present = len(np.unique(y_true)) == c
         auc = _bootstrap_roc_auc(y_true, p, ones)
         out.append({name: float(v[h]) for name, v in table.items()} | {
-            "top_k_accuracy": float((topk == y_true[:, None]).any(1).mean()),
-            "roc_auc": float(auc[0]) if present and len(auc) else float("nan"),
-            "log_loss": _log_loss(y_true, p)})
+            "top_k_accuracy": float(_top_k_hits(y_true, p, k).mean()),
+            "roc_auc": float(auc[0]) if every_class and len(auc) else float("nan"),
+            "log_loss": float(_image_log_losses(y_true, p).mean())})
     return out
 
 
-def _log_loss(y_true: np.ndarray, proba: np.ndarray) -> float:
-    """:func:`compute_metrics`' log loss: scikit-learn's, which clips to its dtype's [eps, 1 - eps]."""
+def _top_k_hits(y_true: np.ndarray, proba: np.ndarray, k: int) -> np.ndarray:
+    """Per image, whether its class is among the k highest scores — in scikit-learn's order among tied scores
+    (kNN vote shares tie often: the later class first); with two classes, the prediction (``compute_metrics``
+    reports accuracy there)."""
+    if proba.shape[1] <= 2:
+        return proba.argmax(1) == y_true
+    return (np.argsort(proba, axis=1, kind="mergesort")[:, ::-1][:, :k] == y_true[:, None]).any(1)
+
+
+def _image_log_losses(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """Per image, :func:`compute_metrics`' log loss: scikit-learn's, which clips to its dtype's [eps, 1 - eps]."""
     eps = np.finfo(proba.dtype).eps
     p = np.clip(np.clip(proba, 1e-15, 1), eps, 1 - eps)[np.arange(len(y_true)), y_true]
-    return float(-np.log(p.astype(np.float64)).mean())
+    return -np.log(p.astype(np.float64))
 
 
 def _bootstrap_roc_auc(y_true: np.ndarray, proba: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -211,11 +218,9 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, *, n_boot: int = 1000, s
     cell = sparse.csr_matrix((np.ones(n, np.float32), (y_true * c + proba.argmax(1), np.arange(n))), shape=(c * c, n))
     samples = _from_confusion(np.asarray(cell @ counts).T.reshape(n_boot, c, c))
     k = top_k or default_top_k(c)
-    topk = np.argsort(-proba, axis=1)[:, :k]
-    hit = (topk == y_true[:, None]).any(1)
-    samples["top_k_accuracy"] = hit.astype(np.float64) @ counts / n
-    p_true = np.clip(proba[np.arange(n), y_true], 1e-15, 1)
-    samples["log_loss"] = -np.log(p_true) @ counts / n
+    # The same per-image quantities as the point estimates, weighted by each resample's draws.
+    samples["top_k_accuracy"] = _top_k_hits(y_true, proba, k).astype(np.float64) @ counts / n
+    samples["log_loss"] = _image_log_losses(y_true, proba) @ counts / n
     samples["roc_auc"] = _bootstrap_roc_auc(y_true, proba, counts)
     lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
     return {name: ((float(np.percentile(v, lo)), float(np.percentile(v, hi))) if len(v) else (float("nan"),) * 2)
