@@ -53,8 +53,9 @@ class Phases:
     def __call__(self, phase: str, detail: str = "") -> Iterator[None]:
         t0 = time.perf_counter()
         yield
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
-        log.info("%s: %s%s %.2fs", self.name, phase, f" ({detail})" if detail else "", time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+        log.info("%s: %s%s %.2fs", self.name, phase, f" ({detail})" if detail else "", seconds)
 
 
 def select_caches(workdir: Path, backbones: list[str] | None) -> list[Path]:
@@ -127,7 +128,7 @@ def transfer_scores(x: np.ndarray, y: np.ndarray, name: str) -> dict[str, float]
     t1 = time.perf_counter()
     knn = knn_loo_accuracy(x, y)
     t2 = time.perf_counter()
-    log.info("%s: LogME %.3f (%.2fs), kNN leave-one-out accuracy %.4f (%.2fs)", name, score, t1 - t0, knn, t2 - t1)
+    log.info("%s: LogME %.3f, kNN leave-one-out accuracy %.4f", name, score, knn)  # the phase line has the time
     return {"logme": score, "knn_loo": knn, "logme_seconds": t1 - t0, "knn_seconds": t2 - t1}
 
 
