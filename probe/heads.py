@@ -64,10 +64,12 @@ class KNNHead(nn.Module):
     Returns log-probabilities as logits, so softmax gives the vote shares.
     """
 
-    def __init__(self, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int, temperature: float) -> None:
+    def __init__(self, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int, temperature: float,
+                 normalized: bool = False) -> None:
         super().__init__()
         self.in_features = bank.shape[1]
-        self.register_buffer("bank", F.normalize(bank.float(), dim=1))
+        # Heads of one grid share one normalised bank (``normalized``): one copy of the training features, not one each.
+        self.register_buffer("bank", bank if normalized else F.normalize(bank.float(), dim=1))
         self.register_buffer("bank_labels", bank_labels.long())
         self.num_classes, self.k, self.temperature = num_classes, k, temperature
 
@@ -99,10 +101,32 @@ def knn_probabilities(queries: torch.Tensor, bank: torch.Tensor, bank_labels: to
 def vote_mass(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int,
               temperature: float) -> torch.Tensor:
     """(N, C): per class, the sum of exp(similarity / temperature) over its neighbours among the k nearest."""
-    sim = queries @ bank.T
-    top, idx = sim.topk(min(k, len(bank)), dim=1)
-    weights = (top / temperature).exp()
-    return sim.new_zeros((sim.shape[0], num_classes)).scatter_add(1, bank_labels[idx], weights)
+    top, idx = (queries @ bank.T).topk(min(k, len(bank)), dim=1)
+    return _mass(top, bank_labels[idx], num_classes, temperature)
+
+
+def _mass(top: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+    return top.new_zeros((top.shape[0], num_classes)).scatter_add(1, neighbour_labels, (top / temperature).exp())
+
+
+def knn_grid_probabilities(heads: list[KNNHead], x: torch.Tensor, chunk: int = 4096) -> list[torch.Tensor]:
+    """Each head's ``softmax(head(x))`` for kNN heads sharing one bank, from one similarity matrix and one top-k
+    (the largest k) instead of one per head: the similarities are most of the cost. Only a tie between the k-th
+    and the (k+1)-th neighbour could be broken otherwise than by the head's own forward."""
+    bank, bank_labels = heads[0].bank, heads[0].bank_labels
+    kmax = min(max(h.k for h in heads), len(bank))
+    queries = F.normalize(x.float(), dim=1)
+    parts: list[list[torch.Tensor]] = [[] for _ in heads]
+    with torch.no_grad():
+        for start in range(0, len(queries), chunk):
+            top, idx = (queries[start:start + chunk] @ bank.T).topk(kmax, dim=1)
+            neighbours = bank_labels[idx]
+            for out, h in zip(parts, heads):
+                k = min(h.k, len(bank))
+                votes = _mass(top[:, :k], neighbours[:, :k], h.num_classes, h.temperature)
+                # as forward() then softmax: log of the clamped shares, renormalised
+                out.append(torch.log((votes / votes.sum(1, keepdim=True)).clamp_min(1e-12)).softmax(1))
+    return [torch.cat(p) for p in parts]
 
 
 def _votes(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int,
@@ -112,13 +136,14 @@ def _votes(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
 
 
 def build_head(config: HeadConfig, dim: int, num_classes: int, mean: torch.Tensor, std: torch.Tensor,
-               bank: torch.Tensor | None = None, bank_labels: torch.Tensor | None = None) -> nn.Module:
+               bank: torch.Tensor | None = None, bank_labels: torch.Tensor | None = None,
+               normalized_bank: bool = False) -> nn.Module:
     if config.type == "linear":
         return LinearHead(dim, num_classes, Standardize(mean, std))
     if config.type == "mlp":
         return MLPHead(dim, config.hidden, num_classes, config.dropout, Standardize(mean, std))
     assert bank is not None and bank_labels is not None
-    return KNNHead(bank, bank_labels, num_classes, config.k, config.temperature)
+    return KNNHead(bank, bank_labels, num_classes, config.k, config.temperature, normalized=normalized_bank)
 
 
 def head_checkpoint(head: nn.Module, config: HeadConfig, *, dim: int, num_classes: int,

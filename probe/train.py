@@ -11,6 +11,9 @@ is "l2" — with that head's learning rate and weight decay, following its own w
 Initialisation, dropout masks and batch order are seeded per head (and per epoch),
 so a head trains the same alone as inside a grid. Heads that early-stop are
 removed from the stack, so they cost nothing afterwards.
+
+kNN heads train nothing: their validation votes come from one similarity matrix
+shared by all of them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 from torch.optim.adam import adam
 
 from configs.probe import GridTraining, HeadConfig
-from probe.heads import build_head
+from probe.heads import build_head, knn_grid_probabilities
 from probe.metrics import METRICS, fast_metric
 from runtime.console import progress as progress_bar
 
@@ -239,12 +242,15 @@ def train_grid(
     mean, std = feature_stats(xt, options.standardize)
     results: dict[int, TrainedHead] = {}
 
-    for i, c in enumerate(configs):
-        if c.type == "knn":
-            head = build_head(c, xt.shape[1], num_classes, mean, std, bank=xt, bank_labels=torch.as_tensor(y_train))
-            proba = predict_proba(head, xv)
+    knn = [i for i, c in enumerate(configs) if c.type == "knn"]
+    if knn:
+        bank = F.normalize(xt, dim=1)
+        heads_knn = [build_head(configs[i], xt.shape[1], num_classes, mean, std, bank=bank,
+                                bank_labels=torch.as_tensor(y_train), normalized_bank=True).eval() for i in knn]
+        for i, head, proba in zip(knn, heads_knn, knn_grid_probabilities(heads_knn, xv)):
+            proba = proba.numpy()
             score = fast_metric(metric, y_val, proba)
-            results[i] = TrainedHead(c, head.eval(), score, proba, 0, [{"epoch": 0, f"val_{metric}": score}])
+            results[i] = TrainedHead(configs[i], head, score, proba, 0, [{"epoch": 0, f"val_{metric}": score}])
 
     trainable = [i for i, c in enumerate(configs) if c.trainable]
     if trainable:

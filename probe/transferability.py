@@ -89,18 +89,34 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
 
 def knn_loo_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 20, chunk: int = 2048) -> float:
     """Leave-one-out accuracy of a k-nearest-neighbour majority vote by cosine similarity (ties: the lowest
-    class index, as scikit-learn's ``KNeighborsClassifier``)."""
+    class index, as scikit-learn's ``KNeighborsClassifier``).
+
+    The similarity matrix is symmetric: each block of it above the diagonal is computed once and serves both its
+    rows and (transposed) its columns, each block row keeping a running top-k — 0.6x the multiply of whole rows.
+    """
     x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(features), dtype=torch.float32), dim=1)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     n = len(x)
     k = min(k, n - 1)
     num_classes = int(y.max()) + 1
-    correct = 0
-    for start in range(0, n, chunk):
-        sim = x[start:start + chunk] @ x.T
-        rows = torch.arange(sim.shape[0])
-        sim[rows, rows + start] = -float("inf")  # not its own neighbour
-        idx = sim.topk(k, dim=1).indices
-        votes = torch.zeros(sim.shape[0], num_classes).scatter_add_(1, y[idx], torch.ones(idx.shape))
-        correct += int((votes.argmax(1) == y[start:start + chunk]).sum())
-    return correct / n
+    starts = list(range(0, n, chunk))
+    top = [torch.full((len(x[s:s + chunk]), k), -float("inf")) for s in starts]
+    idx = [torch.zeros((len(x[s:s + chunk]), k), dtype=torch.long) for s in starts]
+
+    def merge(block: int, sim: torch.Tensor, offset: int) -> None:
+        values, where = sim.topk(min(k, sim.shape[1]), dim=1)
+        values, pick = torch.cat([top[block], values], 1).topk(k, dim=1)
+        idx[block] = torch.cat([idx[block], where + offset], 1).gather(1, pick)
+        top[block] = values
+
+    for a, sa in enumerate(starts):
+        for b in range(a, len(starts)):
+            sb = starts[b]
+            sim = x[sa:sa + chunk] @ x[sb:sb + chunk].T
+            if a == b:
+                sim.fill_diagonal_(-float("inf"))  # not its own neighbour
+            merge(a, sim, sb)
+            if a != b:
+                merge(b, sim.T, sa)
+    votes = torch.zeros(n, num_classes).scatter_add_(1, y[torch.cat(idx)], torch.ones(n, k))
+    return int((votes.argmax(1) == y).sum()) / n

@@ -3,10 +3,10 @@ command resumes once there is space (issue #10). The file system is a small tmpf
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +18,6 @@ from conftest import CLASSES, make_image
 
 from cache import open_cache
 from cache.writer import HEADROOM
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _mount_tmpfs(where: Path, size: str) -> bool:
@@ -51,14 +49,22 @@ def fill(fs: Path, leave: int) -> Path:
     return filler
 
 
-def extract(data: Path, work: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "extract", "--data", str(data), "--workdir", str(work), "--backbones",
-           "test_efficientnet.r160_in1k", "--no-pretrained", "--image-size", "64", "--batch-size", "8",
-           "--workers", "0", "--no-progress", "--store-maps"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def command(capsys: pytest.CaptureFixture, module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` run in this process: the command's ``main``, which ``python -m`` calls, its exit
+    code and what it printed (fresh processes would cost seconds of start-up each; the kill tests use real ones)."""
+    capsys.readouterr()
+    code = importlib.import_module(f"{module}.cli").main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([module, *args], code, out.out, out.err)
 
 
-def test_extract_on_a_full_disk_stops_then_resumes(small_fs: Path, tmp_path: Path) -> None:
+def test_extract_on_a_full_disk_stops_then_resumes(small_fs: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    def extract(data: Path, work: Path) -> subprocess.CompletedProcess:
+        return command(capsys, "extract", "--data", str(data), "--workdir", str(work), "--backbones",
+                       "test_efficientnet.r160_in1k", "--no-pretrained", "--image-size", "64", "--batch-size", "8",
+                       "--workers", "0", "--no-progress", "--store-maps")
+
     data = tmp_path / "images"
     for c, cls in enumerate(CLASSES):
         for i in range(12):
@@ -87,13 +93,12 @@ def test_extract_on_a_full_disk_stops_then_resumes(small_fs: Path, tmp_path: Pat
         np.testing.assert_array_equal(got["maps"][...], ref["maps"][...])
 
 
-def run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
 @pytest.mark.slow
-def test_probe_profiling_and_finetune_on_a_full_disk(small_fs: Path, tmp_path: Path) -> None:
+def test_probe_profiling_and_finetune_on_a_full_disk(small_fs: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    def run(module: str, *args: str) -> subprocess.CompletedProcess:
+        return command(capsys, module, *args)
+
     data = tmp_path / "images"
     for c, cls in enumerate(CLASSES):
         for i in range(12):

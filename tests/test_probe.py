@@ -286,12 +286,26 @@ def test_grid_equals_heads_trained_alone(workdir: Path, grid_file: Path) -> None
         tr, va = fc.load("train"), fc.load("val")
     fit = Fit(options=grid.train, seed=5)
     together = train_grid(grid.heads, tr, va, 10, fit)
-    for i in (0, 5, 8, 9):  # linear, class-weighted linear, MLP with dropout, kNN
+    for i in (0, 5, 8, 9, 10):  # linear, class-weighted linear, MLP with dropout, both kNN
         alone = train_grid([grid.heads[i]], tr, va, 10, fit)[0]
         assert alone.best_epoch == together[i].best_epoch
         np.testing.assert_allclose(alone.val_proba, together[i].val_proba, atol=1e-5)
         assert alone.val_metric == pytest.approx(together[i].val_metric)
     assert len(together) == len(grid.heads) == 11
+
+
+def test_knn_heads_of_a_grid_share_one_similarity_matrix() -> None:
+    """The grid's vote shares from one top-k equal each head's own forward (chunked, k beyond the bank too)."""
+    from probe.heads import build_head, knn_grid_probabilities
+
+    rng = np.random.default_rng(3)
+    bank, labels = torch.tensor(rng.normal(size=(40, 6)), dtype=torch.float32), torch.tensor(rng.integers(0, 4, 40))
+    configs = [HeadConfig(type="knn", k=k, temperature=t) for k, t in ((1, 0.07), (5, 0.07), (5, 1.0), (60, 0.5))]
+    heads = [build_head(c, 6, 4, None, None, bank, labels) for c in configs]
+    x = torch.tensor(rng.normal(size=(25, 6)), dtype=torch.float32)
+    for head, shares in zip(heads, knn_grid_probabilities(heads, x, chunk=7)):
+        with torch.no_grad():
+            torch.testing.assert_close(shares, head(x).softmax(1))
 
 
 def test_knn_matches_scikit_learn_nearest_neighbour() -> None:

