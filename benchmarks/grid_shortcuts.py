@@ -4,9 +4,10 @@ The probe's grid is bound by arithmetic (`probe_speed.py`), so it only gets fast
 head-epochs. Two ways to do that, measured against the shipped grid on the caches given:
 
   1. Successive halving (a rung at epoch e keeps the best third of the heads still training, by their
-     selection score so far). The full grid is trained once; from every head's history, the rank that
-     the final winner (and the final top 3) had after e epochs is printed. Halving keeps the winner only
-     where that rank is within the best third (14 of 42 trainable heads) at every rung.
+     selection score so far; the next rung a third of those). The full grid is trained once; from every
+     head's history, the rank that the final winner (and the final top 3) had after e epochs is printed.
+     Halving keeps the winner only where that rank is within the best third (14 of 42 trainable heads)
+     at the first rung and within the best ninth (5) at the second.
   2. Linear heads trained for fewer epochs (E:P = epochs, patience), each run side by side with the
      shipped 30:10: the chosen head, its validation and test metric, and the grid's time.
 
@@ -75,13 +76,16 @@ def main() -> int:
         trained = [t for t in runs["30:10"] if t.config.trainable]
         final = np.array([t.score for t in trained])
         order = np.argsort(-final, kind="stable")
-        keep = -(-len(trained) // 3)
-        print(f"   successive halving (keeps {keep} of {len(trained)} at the first rung): the final top 3's rank")
+        third, ninth = -(-len(trained) // 3), -(-len(trained) // 9)
+        print(f"   successive halving: the final top 3's ranks among {len(trained)} after e epochs; a cut to the best "
+              f"third keeps {third}, a second cut (factor 3) {ninth}")
         for epoch in map(int, args.rungs.split(",")):
             at = np.array([score_after(t.history, epoch, window, warmup) for t in trained])
             rank = np.argsort(np.argsort(-at, kind="stable"), kind="stable") + 1
             ranks = [int(rank[i]) for i in order[:3]]
-            print(f"     after epoch {epoch:2d}: {ranks}  {'winner kept' if ranks[0] <= keep else 'WINNER DROPPED'}")
+            verdict = lambda keep: "kept" if ranks[0] <= keep else "DROPPED"  # noqa: E731
+            print(f"     after epoch {epoch:2d}: {str(ranks):<14} winner {verdict(third)} by a third, "
+                  f"{verdict(ninth)} by a ninth")
     return 0
 
 
