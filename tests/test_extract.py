@@ -162,11 +162,11 @@ def test_killed_process_resumes(tmp_path: Path) -> None:
             make_image(root / f"c{c}" / f"{i:03d}.png", seed=c * 1000 + i, size=32)
     work = tmp_path / "run"
     cmd = [sys.executable, "-m", "extract", "--data", str(root), "--backbones", "test_vit.r160_in1k",
-           "--no-pretrained", "--workdir", str(work), "--batch-size", "4", "--workers", "0", "--device", "cpu",
-           "--no-progress"]
+           "--no-pretrained", "--workdir", str(work), "--image-size", "64", "--batch-size", "4", "--workers", "0",
+           "--device", "cpu", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HDF5_USE_FILE_LOCKING": "FALSE", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = work / "features" / "test_vit.r160_in1k@160.h5.partial"
+    partial = work / "features" / "test_vit.r160_in1k@64.h5.partial"
     deadline = time.time() + 120
     rows_done = 0
     while time.time() < deadline and proc.poll() is None:
@@ -184,7 +184,7 @@ def test_killed_process_resumes(tmp_path: Path) -> None:
     assert 0 < rows_done < 320, "the run should have been killed mid-way"
     assert partial.exists()
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    final = work / "features" / "test_vit.r160_in1k@160.h5"
+    final = work / "features" / "test_vit.r160_in1k@64.h5"
     assert final.exists() and not partial.exists()
     reference = tmp_path / "reference"
     subprocess.run([*cmd[:-1][:cmd.index("--workdir") + 1], str(reference), *cmd[cmd.index("--workdir") + 2:]],
