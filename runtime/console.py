@@ -22,20 +22,35 @@ class _TqdmHandler(logging.Handler):
 
 
 class _LogBar(tqdm):
-    """A progress bar for a log file: a plain line (count, rate, time left) every ``mininterval`` seconds and
+    """A progress bar for a log file: a plain line (count, rate, time left, postfix) every ``mininterval`` seconds and
     at the end, through logging — no carriage returns, no redraws."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("mininterval", 30.0)
         # its own output goes nowhere (display() logs instead), and tqdm.write() leaves a bar on another file alone
-        kwargs.update(bar_format="{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]",
+        kwargs.update(bar_format="{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
                       dynamic_ncols=False, file=io.StringIO())
         super().__init__(*args, **kwargs)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         if not self.disable and self.n:
-            logging.getLogger("progress").info("%s", self.format_meter(**self.format_dict))
+            self._log()
         return True
+
+    def _log(self) -> None:
+        logging.getLogger("progress").info("%s", self.format_meter(**self.format_dict))
+        self._logged_n = self.n
+
+    def close(self) -> None:
+        # The end gets its line whatever mininterval says (tqdm's own close displays nothing once disabled).
+        if not self.disable and self.n and self.n != getattr(self, "_logged_n", 0):
+            self._log()
+        super().close()
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        # Shown with the next periodic line: a forced refresh per step would log a line per step, and with the
+        # count an iterating tqdm has not written back yet (it does so only every mininterval).
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
 
 
 def progress(iterable: Any = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:

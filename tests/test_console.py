@@ -28,6 +28,18 @@ def test_progress_in_a_log_file_is_plain_lines_without_carriage_returns(capsys: 
     assert sum("an ordinary log line" in line for line in lines) == 12
 
 
+def test_a_postfix_per_step_adds_no_lines_to_a_log_file(capsys: pytest.CaptureFixture) -> None:
+    """A training loop sets the loss on its bar every batch: in a log file that is no line per batch (tqdm's
+    set_postfix refreshes by default), and the lines that are written carry the current count and postfix."""
+    setup_logging(0)
+    bar = progress(range(40), desc="epoch 1/3", unit="batch", mininterval=3600)
+    for i, _ in enumerate(bar):
+        bar.set_postfix(loss=f"{1 / (i + 1):.4f}")
+    bar.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "progress:" in line]
+    assert len(lines) == 1 and "epoch 1/3: 40/40 batch" in lines[0] and "loss=0.0250" in lines[0]
+
+
 def test_no_progress_means_no_output_and_a_terminal_gets_tqdm(capsys: pytest.CaptureFixture,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     setup_logging(0)
