@@ -74,8 +74,8 @@ class KNNHead(nn.Module):
         self.num_classes, self.k, self.temperature = num_classes, k, temperature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log(knn_probabilities(F.normalize(x.float(), dim=1), self.bank, self.bank_labels,
-                                           self.num_classes, self.k, self.temperature).clamp_min(1e-12))
+        return _as_logits(knn_probabilities(F.normalize(x.float(), dim=1), self.bank, self.bank_labels,
+                                            self.num_classes, self.k, self.temperature))
 
     def evidence(self, x: torch.Tensor) -> torch.Tensor:
         """log of each class's unnormalised vote mass, sum over its neighbours among the k of exp(sim / T).
@@ -123,16 +123,22 @@ def knn_grid_probabilities(heads: list[KNNHead], x: torch.Tensor, chunk: int = 4
             neighbours = bank_labels[idx]
             for out, h in zip(parts, heads):
                 k = min(h.k, len(bank))
-                votes = _mass(top[:, :k], neighbours[:, :k], h.num_classes, h.temperature)
-                # as forward() then softmax: log of the clamped shares, renormalised
-                out.append(torch.log((votes / votes.sum(1, keepdim=True)).clamp_min(1e-12)).softmax(1))
+                shares = _shares(_mass(top[:, :k], neighbours[:, :k], h.num_classes, h.temperature))
+                out.append(_as_logits(shares).softmax(1))  # as forward() then softmax
     return [torch.cat(p) for p in parts]
+
+
+def _shares(votes: torch.Tensor) -> torch.Tensor:
+    return votes / votes.sum(1, keepdim=True)
+
+
+def _as_logits(shares: torch.Tensor) -> torch.Tensor:
+    return torch.log(shares.clamp_min(1e-12))
 
 
 def _votes(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int,
            temperature: float) -> torch.Tensor:
-    votes = vote_mass(queries, bank, bank_labels, num_classes, k, temperature)
-    return votes / votes.sum(1, keepdim=True)
+    return _shares(vote_mass(queries, bank, bank_labels, num_classes, k, temperature))
 
 
 def build_head(config: HeadConfig, dim: int, num_classes: int, mean: torch.Tensor, std: torch.Tensor,
