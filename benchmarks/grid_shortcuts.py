@@ -10,6 +10,8 @@ head-epochs. Two ways to do that, measured against the shipped grid on the cache
      at the first rung and within the best ninth (5) at the second.
   2. Linear heads trained for fewer epochs (E:P = epochs, patience), each run side by side with the
      shipped 30:10: the chosen head, its validation and test metric, and the grid's time.
+  3. Narrower MLP heads (one hidden layer of W units instead of the shipped width), side by side in the
+     same way, with the best MLP head's own selection score (the MLP heads' cost grows with their width).
 
     python benchmarks/grid_shortcuts.py [CACHE.h5 ...]
 
@@ -53,9 +55,10 @@ def main() -> int:
     parser.add_argument("caches", nargs="*", type=Path, help="feature caches (default: ELPV through Lite0/Lite2)")
     parser.add_argument("--epochs", default="15:5,20:7", help="linear heads' epochs:patience to compare with 30:10")
     parser.add_argument("--rungs", default="2,3,4,6,9,12")
+    parser.add_argument("--hidden", default="1024,256", help="MLP hidden widths to compare with the shipped one")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        return compare(args.caches or elpv_caches(Path(tmp)), args.epochs, args.rungs)
+        return compare(args.caches or elpv_caches(Path(tmp)), args.epochs, args.rungs, args.hidden)
 
 
 def elpv_caches(work: Path) -> list[Path]:
@@ -68,7 +71,7 @@ def elpv_caches(work: Path) -> list[Path]:
     return sorted((work / "run" / "features").glob("*.h5"))
 
 
-def compare(caches: list[Path], epoch_specs: str, rungs: str) -> int:
+def compare(caches: list[Path], epoch_specs: str, rungs: str, widths: str) -> int:
     grid = load_grid()
     window, warmup = grid.train.smooth_epochs, grid.train.warmup_epochs
     for path in caches:
@@ -76,19 +79,27 @@ def compare(caches: list[Path], epoch_specs: str, rungs: str) -> int:
             tr, va, te = fc.load("train"), fc.load("val"), fc.load("test")
             c = len(fc.classes)
         print(f"== {path.name}: {tr.features.shape[0]:,} x {tr.features.shape[1]:,} train, {len(va.labels)} val")
-        runs = {}
-        for spec in ["30:10", *epoch_specs.split(",")]:
+        shipped = {h.hidden for h in grid.heads if h.type == "mlp"}
+        variants = {"shipped": grid.heads}
+        for spec in epoch_specs.split(","):
             epochs, patience = map(int, spec.split(":"))
-            heads = [h.model_copy(update={"epochs": epochs, "patience": patience}) if h.type == "linear" else h
-                     for h in grid.heads]
+            variants[f"linear {spec}"] = [h.model_copy(update={"epochs": epochs, "patience": patience})
+                                          if h.type == "linear" else h for h in grid.heads]
+        for width in map(int, widths.split(",")):
+            variants[f"mlp {width}"] = [h.model_copy(update={"hidden": (width,)}) if h.type == "mlp" else h
+                                        for h in grid.heads]
+        runs = {}
+        for label, heads in variants.items():
             t0 = time.perf_counter()
-            runs[spec] = out = train_grid(heads, tr, va, c, Fit(metric=METRIC, options=grid.train))
+            runs[label] = out = train_grid(heads, tr, va, c, Fit(metric=METRIC, options=grid.train))
             seconds = time.perf_counter() - t0
             chosen = out[choose(out, METRIC)]
             test = compute_metrics(te.labels, predict_proba(chosen.head, te.features))[METRIC]
-            print(f"   linear {spec:>5}: {seconds:5.1f} s, chose {chosen.config.name:<36} val {METRIC} "
-                  f"{chosen.val_metric:.4f} (selection {chosen.score:.4f}), test {test:.4f}")
-        trained = [t for t in runs["30:10"] if t.config.trainable]
+            mlp = max((t.score for t in out if t.config.type == "mlp"), default=float("nan"))
+            print(f"   {label:>14}: {seconds:5.1f} s, chose {chosen.config.name:<36} val {METRIC} "
+                  f"{chosen.val_metric:.4f} (selection {chosen.score:.4f}), test {test:.4f}; best MLP's selection "
+                  f"{mlp:.4f}" + (f" (shipped hidden {sorted(shipped)})" if label == "shipped" else ""))
+        trained = [t for t in runs["shipped"] if t.config.trainable]
         final = np.array([t.score for t in trained])
         order = np.argsort(-final, kind="stable")
         third, ninth = -(-len(trained) // 3), -(-len(trained) // 9)

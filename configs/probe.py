@@ -136,7 +136,7 @@ class LinearAxes(Settings):
 
 
 class MLPAxes(LinearAxes):
-    hidden: list[list[int]] = [[1024]]
+    hidden: list[list[int]] = [[512]]
     dropout: list[float] = [0.0]
 
     @field_validator("hidden", mode="before")
