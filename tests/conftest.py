@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,22 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 CLASSES = ("cat", "dog", "fox")
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """What ``build(folder)`` returns, built once per test run and shared by every module and every xdist worker
+    that asks for ``name``: the first one builds it under a lock, the others wait for it and reuse it (the
+    pattern pytest-xdist documents for session fixtures). For what tests only read or copy, never change."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, above the workers'
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.built"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way (its test failed then)
+            folder.mkdir()
+            done.write_text(str(build(folder).relative_to(folder)))
+    return folder / done.read_text()
 
 
 def make_image(path: Path, seed: int, size: int = 24, mode: str = "RGB") -> Path:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import built_once
 from PIL import Image
 
 import finetune.trainer as trainer_module
@@ -59,7 +60,7 @@ def blob_images(root: Path, per_class: int = 16, size: int = 40) -> Path:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return probed_workdir(tmp_path_factory.mktemp("finetune"))
+    return built_once(tmp_path_factory, "probed", probed_workdir)
 
 
 def probed_workdir(base: Path, backbone: str = "test_resnet.r160_in1k") -> Path:

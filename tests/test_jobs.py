@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import built_once
 
 import runtime.jobs as jobs_module
 from cache import open_cache
@@ -302,7 +303,7 @@ SLUG = "test_resnet.r160_in1k@48"
 def probed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.test_finetune_train import probed_workdir
 
-    return probed_workdir(tmp_path_factory.mktemp("probed"))
+    return built_once(tmp_path_factory, "probed", probed_workdir)
 
 
 def _finetune_args(work: Path, tmp_path: Path, *extra: str) -> list[str]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import built_once
 from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
@@ -47,14 +48,18 @@ default: {type: linear, lr: 0.01, weight_decay: 0.001, epochs: 6, patience: 3}
 """
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo digits through two tiny random-weight backbones at 48 px."""
-    work = tmp_path_factory.mktemp("probe") / "run"
+def _extracted(base: Path) -> Path:
+    work = base / "run"
     extract_features(ExtractSettings(data="demo", backbones=["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"],
                                      workdir=work, pretrained=False, image_size=[48], workers=0, device="cpu",
                                      progress=False))
     return work
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo digits through two tiny random-weight backbones at 48 px (read or copied only)."""
+    return built_once(tmp_path_factory, "probe", _extracted)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from conftest import built_once
 
 from configs.extract import ExtractSettings
 from configs.probe import ProbeSettings
@@ -22,10 +23,7 @@ from tests.test_probe import SMALL_GRID
 BACKBONES = ["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two tiny random-weight backbones on the demo digits, probed: what stage one leaves."""
-    base = tmp_path_factory.mktemp("report")
+def _stage_one(base: Path) -> Path:
     work = base / "run"
     extract_features(ExtractSettings(data="demo", backbones=BACKBONES, workdir=work, pretrained=False,
                                      image_size=[48], workers=0, device="cpu", progress=False))
@@ -34,6 +32,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_probe(ProbeSettings(workdir=work, grid_file=grid, device="cpu", bootstrap=50, progress=False))
     write_report(work)
     return work
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny random-weight backbones on the demo digits, probed: what stage one leaves (read or copied only)."""
+    return built_once(tmp_path_factory, "report", _stage_one)
 
 
 def test_report_holds_the_dataset_the_leaderboard_and_every_image_embedded(workdir: Path) -> None:
