@@ -100,8 +100,8 @@ def knn_loo_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 20, chun
     k = min(k, n - 1)
     num_classes = int(y.max()) + 1
     starts = list(range(0, n, chunk))
-    top = [torch.full((len(x[s:s + chunk]), k), -float("inf")) for s in starts]
-    idx = [torch.zeros((len(x[s:s + chunk]), k), dtype=torch.long) for s in starts]
+    top = [torch.full((min(chunk, n - s), k), -float("inf")) for s in starts]
+    idx = [torch.zeros((min(chunk, n - s), k), dtype=torch.long) for s in starts]
 
     def merge(block: int, sim: torch.Tensor, offset: int) -> None:
         values, where = sim.topk(min(k, sim.shape[1]), dim=1)

@@ -30,6 +30,7 @@ class _LogBar(tqdm):
         # its own output goes nowhere (display() logs instead), and tqdm.write() leaves a bar on another file alone
         kwargs.update(bar_format="{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
                       dynamic_ncols=False, file=io.StringIO())
+        self._logged_n = 0  # the count of the last line logged
         super().__init__(*args, **kwargs)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
@@ -43,7 +44,7 @@ class _LogBar(tqdm):
 
     def close(self) -> None:
         # The end gets its line whatever mininterval says (tqdm's own close displays nothing once disabled).
-        if not self.disable and self.n and self.n != getattr(self, "_logged_n", 0):
+        if not self.disable and self.n and self.n != self._logged_n:
             self._log()
         super().close()
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -49,19 +49,23 @@ def fill(fs: Path, leave: int) -> Path:
     return filler
 
 
-def command(capsys: pytest.CaptureFixture, module: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m module args`` run in this process: the command's ``main``, which ``python -m`` calls, its exit
-    code and what it printed (fresh processes would cost seconds of start-up each; the kill tests use real ones)."""
-    capsys.readouterr()
-    code = importlib.import_module(f"{module}.cli").main(list(args))
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess([module, *args], code, out.out, out.err)
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture) -> Callable[..., subprocess.CompletedProcess]:
+    """``run(module, *args)``: ``python -m module args`` in this process — the command's ``main``, which ``python -m``
+    calls — with its exit code and what it printed (fresh processes would cost seconds of start-up each; the kill
+    tests use real ones)."""
+    def command(module: str, *args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = importlib.import_module(f"{module}.cli").main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([module, *args], code, out.out, out.err)
+    return command
 
 
 def test_extract_on_a_full_disk_stops_then_resumes(small_fs: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
+                                                   run: Callable[..., subprocess.CompletedProcess]) -> None:
     def extract(data: Path, work: Path) -> subprocess.CompletedProcess:
-        return command(capsys, "extract", "--data", str(data), "--workdir", str(work), "--backbones",
+        return run("extract", "--data", str(data), "--workdir", str(work), "--backbones",
                        "test_efficientnet.r160_in1k", "--no-pretrained", "--image-size", "64", "--batch-size", "8",
                        "--workers", "0", "--no-progress", "--store-maps")
 
@@ -95,10 +99,7 @@ def test_extract_on_a_full_disk_stops_then_resumes(small_fs: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_probe_profiling_and_finetune_on_a_full_disk(small_fs: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    def run(module: str, *args: str) -> subprocess.CompletedProcess:
-        return command(capsys, module, *args)
-
+                                                    run: Callable[..., subprocess.CompletedProcess]) -> None:
     data = tmp_path / "images"
     for c, cls in enumerate(CLASSES):
         for i in range(12):
