@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import built_once
 from torch import nn
 
-from configs.extract import ExtractSettings
 from configs.probe import ProbeSettings
 from configs.profiling import ProfilingSettings
 from extract.backbones import BackboneSpec
@@ -42,9 +43,6 @@ def test_onnx_matches_pytorch_at_several_batch_sizes(name: str, tmp_path: Path) 
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         assert got.shape == ref.shape
         assert max_relative_error(ref, got) < 1e-4
-    again = export_onnx(model, (3, 64, 64), tmp_path / "m.onnx", key={"m": name})
-    assert again.reused
-    assert not export_onnx(model, (3, 64, 64), tmp_path / "m.onnx", key={"m": name, "changed": 1}).reused
 
 
 def test_attention_flops_counted() -> None:
@@ -177,15 +175,19 @@ def test_profiling_end_to_end_with_a_failure(tmp_path: Path, caplog: pytest.LogC
     assert "simulated export failure" in caplog.text
 
 
-def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                 capsys: pytest.CaptureFixture) -> None:
     """extract -> probe -> profiling: the exported model is backbone + chosen head, images to class logits."""
-    from extract.pipeline import extract_features
     from probe.classifier import load_classifier
     from probe.pipeline import run_probe
+    from tests.test_probe import _extracted
 
+    # One of the caches test_probe's extraction leaves (demo digits, 48 px, random weights), shared by the run.
+    extracted = built_once(tmp_path_factory, "probe", _extracted)
     work = tmp_path / "w"
-    extract_features(ExtractSettings(data="demo", backbones=["test_resnet.r160_in1k"], workdir=work, pretrained=False,
-                                     image_size=[48], workers=0, device="cpu", progress=False))
+    (work / "features").mkdir(parents=True)
+    shutil.copy(extracted / "features" / "test_resnet.r160_in1k@48.h5", work / "features")
+    shutil.copy(extracted / "dataset.json", work)
     run_probe(ProbeSettings(workdir=work, bootstrap=20, progress=False))
     assert (work / "probe" / "heads" / "test_resnet.r160_in1k@48.onnx").is_file()
     argv = ["--workdir", str(work), "--batch-sizes", "1", "3", "--min-runs", "3", "--min-seconds", "0", "--warmup", "1",
@@ -215,13 +217,16 @@ def test_flops_agree_with_published_figures(name: str, published_gmacs: float) -
     assert count_flops(model, (3, 224, 224)) / 2e9 == pytest.approx(published_gmacs, rel=0.02)
 
 
-def test_truncated_onnx_with_a_matching_sidecar_is_exported_again(tmp_path: Path) -> None:
+def test_onnx_is_reused_for_the_same_key_and_exported_again_when_changed_or_truncated(tmp_path: Path) -> None:
+    # What decides reuse is the key and the file, whatever the model: one cheap model checks it for all.
     spec = BackboneSpec(name="test_resnet.r160_in1k", model="test_resnet.r160_in1k")
     model, _ = create_backbone(spec, RANDOM, exportable=True)
     path = tmp_path / "m.onnx"
     key = {"model": spec.model}
     first = export_onnx(model, (3, 32, 32), path, key=key)
     assert not first.reused and export_onnx(model, (3, 32, 32), path, key=key).reused
+    key = {**key, "changed": 1}
+    assert not export_onnx(model, (3, 32, 32), path, key=key).reused
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short; the sidecar still matches
     again = export_onnx(model, (3, 32, 32), path, key=key)
     assert not again.reused
