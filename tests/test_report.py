@@ -22,6 +22,10 @@ from tests.test_probe import SMALL_GRID
 
 BACKBONES = ["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"]
 
+# On one xdist worker: they all start from the shared stage-one workdir, and a second worker asking for it while
+# the first builds it would sit idle on the lock for its whole build (~11 s).
+pytestmark = pytest.mark.xdist_group("report")
+
 
 def _stage_one(base: Path) -> Path:
     work = base / "run"
