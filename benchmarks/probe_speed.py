@@ -14,6 +14,8 @@ Every figure comes from this one run, side by side:
      probe / extraction (goal <= 25%).
   4. ResNet-50 @ 224 px on the demo digits (random weights): extraction, then the whole probe command;
      probe / extraction (goal <= 5%).
+  In 3 and 4 also the baseline's phase against the grid's, with and without the one-off torch._dynamo import
+  that torch's first optimizer object triggers inside it (timed in a fresh process).
 
     python benchmarks/probe_speed.py [--skip-resnet50] [--skip-demo]
 """
@@ -190,7 +192,20 @@ def extract_then_probe(extract_args: list[str], goal: float) -> None:
         n = len(list((work / "features").glob("*.h5")))
         print(f"   extraction ({n} backbone(s)): {ext:.1f} s; whole probe command: {wall:.1f} s; "
               f"probe / extraction = {wall / ext:.1%}   (goal <= {goal:.0%})")
-        print_phases(wall, phases(work))
+        parts = phases(work)
+        print_phases(wall, parts)
+        base, grid = parts["logreg baseline"], parts["grid"]
+        imp = dynamo_import_seconds()
+        print(f"   baseline / grid = {base / grid:.2f}   (goal <= 1); without the one-off torch._dynamo import in the "
+              f"baseline's phase ({imp:.1f} s, timed in a fresh process; the head export needs it next anyway): "
+              f"{(base - imp) / grid:.2f}")
+
+
+def dynamo_import_seconds() -> float:
+    """What the first torch optimizer object costs a fresh process: it imports torch._dynamo."""
+    code = ("import time, torch; t = time.perf_counter(); torch.optim.LBFGS([torch.zeros(1, requires_grad=True)]); "
+            "print(time.perf_counter() - t)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def main() -> int:
