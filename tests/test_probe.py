@@ -48,7 +48,9 @@ default: {type: linear, lr: 0.01, weight_decay: 0.001, epochs: 6, patience: 3}
 """
 
 
-def _extracted(base: Path) -> Path:
+def extracted_workdir(base: Path) -> Path:
+    """extract only: the demo digits through test_resnet and test_efficientnet at 48 px (test_profiling copies
+    one of its caches too)."""
     work = base / "run"
     extract_features(ExtractSettings(data="demo", backbones=["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"],
                                      workdir=work, pretrained=False, image_size=[48], workers=0, device="cpu",
@@ -59,7 +61,7 @@ def _extracted(base: Path) -> Path:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo digits through two tiny random-weight backbones at 48 px (read or copied only)."""
-    return built_once(tmp_path_factory, "probe", _extracted)
+    return built_once(tmp_path_factory, "probe", extracted_workdir)
 
 
 @pytest.fixture(scope="module")

@@ -180,10 +180,10 @@ def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, tmp_path_factor
     """extract -> probe -> profiling: the exported model is backbone + chosen head, images to class logits."""
     from probe.classifier import load_classifier
     from probe.pipeline import run_probe
-    from tests.test_probe import _extracted
+    from tests.test_probe import extracted_workdir
 
     # One of the caches test_probe's extraction leaves (demo digits, 48 px, random weights), shared by the run.
-    extracted = built_once(tmp_path_factory, "probe", _extracted)
+    extracted = built_once(tmp_path_factory, "probe", extracted_workdir)
     work = tmp_path / "w"
     (work / "features").mkdir(parents=True)
     shutil.copy(extracted / "features" / "test_resnet.r160_in1k@48.h5", work / "features")
