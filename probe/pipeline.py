@@ -20,7 +20,8 @@ from sklearn.model_selection import StratifiedKFold
 from cache import CacheError, check_same_dataset, list_caches, open_cache
 from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
 from probe.baseline import logreg_baseline
-from probe.heads import head_checkpoint
+from probe.head_onnx import export_heads_onnx
+from probe.heads import head_checkpoint, head_from_checkpoint
 from probe.leaderboard import leaderboard_rows, mark_ties, read_profiling
 from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k, metrics_of_heads
 from probe.plots import plot_confusion, plot_confusion_grid
@@ -217,13 +218,13 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     # The chosen head, loadable on its backbone with torch.load(weights_only=True).
     head_path = out / "heads" / f"{name}.pt"
     head_path.parent.mkdir(parents=True, exist_ok=True)
-    with phase("head files", "checkpoint and ONNX"):
+    # Its ONNX file is written with the other backbones' heads, in one export call (_probe_all).
+    with phase("head file", "checkpoint"):
         save_torch(head_checkpoint(chosen.head, chosen.config, dim=train.features.shape[1], num_classes=c, info={
             **{key: info[key] for key in ("backbone", "model", "model_kwargs", "weights", "weights_location",
                                           "image_size", "data_config", "classes")},
             "metric": metric, "val_metric": chosen.val_metric, "seed": seed,
         }), head_path)
-        head_onnx = export_head_onnx(chosen.head, train.features.shape[1], head_path.with_suffix(".onnx"))
     history_path = out / "history" / f"{name}.csv"
     with phase("history and plot"):
         write_csv(history_path, chosen.history)
@@ -235,30 +236,13 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
              "grid_seconds": phase.seconds["grid"], "seconds": time.perf_counter() - t0,
              "phase_seconds": phase.seconds,
              "head_file": str(published / head_path.relative_to(out)),
-             "head_onnx": str(published / head_onnx.relative_to(out)) if head_onnx else None,
+             "head_onnx": None,  # set once it is written
              "history_file": str(published / history_path.relative_to(out)),
              "cv": {"mean": float(cv["mean"][best]), "std": float(cv["std"][best]), "folds": folds} if cv else None}
     log.info("%s: best %s, val %s %.4f, test %.4f [%.3f, %.3f]; %d heads in %.2fs, %.1fs in all", name,
              chosen.config.name, metric, val_best[metric], test_metrics[metric], *ci[metric], len(configs),
              phase.seconds["grid"], entry["seconds"])
     return entry, rows
-
-
-def export_head_onnx(head: torch.nn.Module, dim: int, path: Path) -> Path | None:
-    """The chosen head as ONNX (features -> logits, dynamic batch), so `profiling` can append it to the
-    exported backbone: the stages share this file, not code. A head that does not export is logged."""
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(head.eval(), (torch.randn(2, dim),), dynamo=True, verbose=False,
-                                        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}},
-                                        input_names=["features"], output_names=["logits"], external_data=False)
-        program.save(str(path))
-        return path
-    except Exception as exc:  # the probe results stand without it
-        log.warning("%s: head not exported to ONNX (%s: %s); profiling will time the backbone alone",
-                    path.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        path.unlink(missing_ok=True)
-        return None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -306,6 +290,22 @@ def refresh_leaderboard(workdir: Path) -> ProbeOutputs:
     return ProbeOutputs(entries=ranked, leaderboard=text, folder=Path(workdir) / "probe")
 
 
+def export_onnx_heads(entries: list[dict[str, Any]], published: Path, out: Path) -> float:
+    """Every entry's chosen head (its checkpoint in ``out``) as ONNX beside it, in one export call; sets the
+    entries' ``head_onnx`` to where the files will be published. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    items = []
+    for entry in entries:
+        checkpoint = out / Path(entry["head_file"]).relative_to(published)
+        ckpt = torch.load(checkpoint, weights_only=True)
+        items.append((head_from_checkpoint(ckpt, str(checkpoint)), int(ckpt["dim"]), checkpoint.with_suffix(".onnx")))
+    for entry, written in zip(entries, export_heads_onnx(items)):
+        entry["head_onnx"] = str(published / written.relative_to(out)) if written else None
+    seconds = time.perf_counter() - t0
+    log.info("ONNX files of the %d chosen head(s) %.2fs (one export call)", len(entries), seconds)
+    return seconds
+
+
 def _probe_all(paths: list[Path], head_grid: Grid, s: ProbeSettings, dev: torch.device, out: Path
                ) -> tuple[list[dict[str, Any]], str]:
     metric, grid, n_heads = s.selection_metric, s.grid, len(head_grid.heads) if s.grid else 1
@@ -314,13 +314,14 @@ def _probe_all(paths: list[Path], head_grid: Grid, s: ProbeSettings, dev: torch.
         entry, r = probe_cache(path, head_grid, s, dev, out)
         entries.append(entry)
         rows += r
+    onnx_seconds = export_onnx_heads(entries, s.workdir / "probe", out)
     ranked = mark_ties(entries, metric)
     leaderboard = render_leaderboard(s.workdir, ranked, metric=metric, n_boot=s.bootstrap, seed=s.seed,
                                      n_heads=n_heads, ordinal=s.ordinal, folder=out)
     write_csv(out / "results.csv", rows)
     atomic_write_text(out / "results.json", json.dumps(_jsonable({
         "metric": metric, "seed": s.seed, "grid": grid, "n_heads": n_heads, "ordinal": s.ordinal, "folds": s.folds,
-        "bootstrap": s.bootstrap, "leaderboard": ranked, "rows": rows}), indent=2))
+        "bootstrap": s.bootstrap, "head_onnx_seconds": onnx_seconds, "leaderboard": ranked, "rows": rows}), indent=2))
     top = ranked[:4]
     if top:
         plot_confusion_grid([(f"#{e['rank']} {e['backbone']}@{e['image_size']}\n{e['head']}\n"

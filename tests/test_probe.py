@@ -24,6 +24,7 @@ from extract.pipeline import extract_features
 from probe.baseline import logreg_baseline
 from probe.classifier import load_classifier, load_head
 from probe.cli import main as probe_main
+from probe.head_onnx import export_head_onnx, export_heads_onnx
 from probe.leaderboard import mark_ties
 from probe.metrics import (
     METRICS,
@@ -35,7 +36,7 @@ from probe.metrics import (
     draw_counts,
     metrics_of_heads,
 )
-from probe.pipeline import export_head_onnx, probe_cache, run_probe
+from probe.pipeline import probe_cache, run_probe
 from probe.train import Examples, Fit, HeadStack, train_grid
 
 SMALL_GRID = """
@@ -346,6 +347,42 @@ def test_every_head_exports_to_onnx_with_a_dynamic_batch(config: HeadConfig, tmp
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+class _Unexportable(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(x.numpy() * 2)  # leaves torch: no exporter can trace it
+
+
+def test_heads_exported_in_one_call_give_one_file_each_and_a_bad_head_costs_only_its_own(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A probe run exports all its chosen heads in one call, then cuts them apart: each file is that head alone,
+    named and batched as a single export would be, and equal to its PyTorch head."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    heads = []
+    for config, dim in ((HeadConfig(type="linear"), 8), (HeadConfig(type="mlp", hidden=(16,)), 12),
+                        (HeadConfig(type="knn", k=5), 5)):
+        xt, yt = rng.normal(size=(60, dim)).astype(np.float32), rng.integers(0, 3, 60)
+        xv, yv = rng.normal(size=(20, dim)).astype(np.float32), rng.integers(0, 3, 20)
+        (res,) = train_grid([config.model_copy(update={"epochs": 2})], Examples(xt, yt), Examples(xv, yv), 3)
+        heads.append((res.head, dim, tmp_path / f"{config.type}.onnx"))
+    assert export_heads_onnx(heads) == [path for _, _, path in heads]
+    for head, dim, path in heads:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["features"]
+        assert [o.name for o in session.get_outputs()] == ["logits"]
+        for batch in (1, 3, 8):
+            x = rng.normal(size=(batch, dim)).astype(np.float32)
+            with torch.no_grad():
+                want = head(torch.from_numpy(x)).numpy()
+            np.testing.assert_allclose(session.run(None, {"features": x})[0], want, rtol=1e-4, atol=1e-5)
+    # One head the exporter cannot take: the heads are exported one by one, and only that one has no file.
+    good, bad = tmp_path / "again.onnx", tmp_path / "bad.onnx"
+    assert export_heads_onnx([(heads[0][0], 8, good), (_Unexportable(), 8, bad)]) == [good, None]
+    assert good.is_file() and not bad.exists()
+    assert "bad.onnx: head not exported to ONNX" in caplog.text
+
+
 def test_logreg_baseline_chooses_on_validation() -> None:
     rng = np.random.default_rng(1)
     xt, yt = rng.normal(size=(150, 8)), rng.integers(0, 3, 150)
@@ -539,16 +576,12 @@ def test_killed_probe_leaves_the_previous_complete_set(workdir: Path, grid_file:
     base = ["--workdir", str(work), "--grid-file", str(grid_file), "--bootstrap", "20", "--no-progress"]
     assert probe_main(base) == 0  # the default head only
     before = json.loads((work / "probe" / "results.json").read_text())
-    exported = []
-    original = pipeline.export_head_onnx
 
-    def killed_on_the_second(head, dim, path):
-        exported.append(path)
-        if len(exported) == 2:
-            raise KeyboardInterrupt  # as a kill would, after the first backbone's new head was written
-        return original(head, dim, path)
+    def killed_after_the_first(heads):
+        export_head_onnx(*heads[0])
+        raise KeyboardInterrupt  # as a kill would, after the first backbone's new ONNX head was written
 
-    monkeypatch.setattr(pipeline, "export_head_onnx", killed_on_the_second)
+    monkeypatch.setattr(pipeline, "export_heads_onnx", killed_after_the_first)
     with pytest.raises(KeyboardInterrupt):
         probe_main([*base, "--grid"])
     after = json.loads((work / "probe" / "results.json").read_text())
