@@ -290,7 +290,7 @@ def refresh_leaderboard(workdir: Path) -> ProbeOutputs:
     return ProbeOutputs(entries=ranked, leaderboard=text, folder=Path(workdir) / "probe")
 
 
-def export_onnx_heads(entries: list[dict[str, Any]], published: Path, out: Path) -> float:
+def _write_head_onnx_files(entries: list[dict[str, Any]], published: Path, out: Path) -> float:
     """Every entry's chosen head (its checkpoint in ``out``) as ONNX beside it, in one export call; sets the
     entries' ``head_onnx`` to where the files will be published. Returns the seconds it took."""
     t0 = time.perf_counter()
@@ -314,7 +314,7 @@ def _probe_all(paths: list[Path], head_grid: Grid, s: ProbeSettings, dev: torch.
         entry, r = probe_cache(path, head_grid, s, dev, out)
         entries.append(entry)
         rows += r
-    onnx_seconds = export_onnx_heads(entries, s.workdir / "probe", out)
+    onnx_seconds = _write_head_onnx_files(entries, s.workdir / "probe", out)
     ranked = mark_ties(entries, metric)
     leaderboard = render_leaderboard(s.workdir, ranked, metric=metric, n_boot=s.bootstrap, seed=s.seed,
                                      n_heads=n_heads, ordinal=s.ordinal, folder=out)
