@@ -13,12 +13,10 @@ from urllib.parse import unquote
 import pytest
 from conftest import built_once
 
-from configs.extract import ExtractSettings
 from configs.probe import ProbeSettings
-from extract.pipeline import extract_features
 from probe.pipeline import run_probe
 from report.html import REPORT, write_report
-from tests.test_probe import SMALL_GRID
+from tests.test_probe import SMALL_GRID, extracted_workdir
 
 BACKBONES = ["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"]
 
@@ -27,10 +25,10 @@ BACKBONES = ["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"]
 pytestmark = pytest.mark.xdist_group("report")
 
 
-def _stage_one(base: Path) -> Path:
+def _stage_one(base: Path, extracted: Path) -> Path:
+    """test_probe's extraction (the same digits through BACKBONES at 48 px), probed and reported."""
     work = base / "run"
-    extract_features(ExtractSettings(data="demo", backbones=BACKBONES, workdir=work, pretrained=False,
-                                     image_size=[48], workers=0, device="cpu", progress=False))
+    shutil.copytree(extracted, work)
     grid = base / "grid.yaml"
     grid.write_text(SMALL_GRID)
     run_probe(ProbeSettings(workdir=work, grid_file=grid, device="cpu", bootstrap=50, progress=False))
@@ -41,7 +39,8 @@ def _stage_one(base: Path) -> Path:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two tiny random-weight backbones on the demo digits, probed: what stage one leaves (read or copied only)."""
-    return built_once(tmp_path_factory, "report", _stage_one)
+    extracted = built_once(tmp_path_factory, "probe", extracted_workdir)
+    return built_once(tmp_path_factory, "report", lambda base: _stage_one(base, extracted))
 
 
 def test_report_holds_the_dataset_the_leaderboard_and_every_image_embedded(workdir: Path) -> None:
