@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from runtime.errors import UserError
+from runtime.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ def exclusive(workdir: Path, name: str, wait: bool = False) -> Iterator[None]:
         log.info("%s is in use by %s; waiting for it", name, _holder(note))
         lock.acquire()
     try:
-        note.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        # Whole or not at all: a process that finds the lock taken reads the note to name its holder.
+        atomic_write_text(note, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
         yield
     finally:
         lock.release()
