@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedKFold
 from cache import CacheError, check_same_dataset, list_caches, open_cache
 from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
 from probe.baseline import logreg_baseline
-from probe.head_onnx import export_heads_onnx
+from probe.head_onnx import write_heads_onnx
 from probe.heads import head_checkpoint, head_from_checkpoint
 from probe.leaderboard import leaderboard_rows, mark_ties, read_profiling
 from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k, metrics_of_heads
@@ -291,18 +291,18 @@ def refresh_leaderboard(workdir: Path) -> ProbeOutputs:
 
 
 def _write_head_onnx_files(entries: list[dict[str, Any]], published: Path, out: Path) -> float:
-    """Every entry's chosen head (its checkpoint in ``out``) as ONNX beside it, in one export call; sets the
-    entries' ``head_onnx`` to where the files will be published. Returns the seconds it took."""
+    """Every entry's chosen head (its checkpoint in ``out``) as ONNX beside it; sets the entries' ``head_onnx`` to
+    where the files will be published. Returns the seconds it took."""
     t0 = time.perf_counter()
     items = []
     for entry in entries:
         checkpoint = out / Path(entry["head_file"]).relative_to(published)
-        ckpt = torch.load(checkpoint, weights_only=True)
-        items.append((head_from_checkpoint(ckpt, str(checkpoint)), int(ckpt["dim"]), checkpoint.with_suffix(".onnx")))
-    for entry, written in zip(entries, export_heads_onnx(items)):
-        entry["head_onnx"] = str(published / written.relative_to(out)) if written else None
+        items.append((head_from_checkpoint(torch.load(checkpoint, weights_only=True), str(checkpoint)),
+                      checkpoint.with_suffix(".onnx")))
+        entry["head_onnx"] = str(published / items[-1][1].relative_to(out))
+    write_heads_onnx(items)
     seconds = time.perf_counter() - t0
-    log.info("ONNX files of the %d chosen head(s) %.2fs (one export call)", len(entries), seconds)
+    log.info("ONNX files of the %d chosen head(s) %.2fs", len(entries), seconds)
     return seconds
 
 
