@@ -7,8 +7,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k,
 from probe.plots import plot_confusion, plot_confusion_grid
 from probe.train import Examples, Fit, TrainedHead, predict_proba, train_grid
 from probe.transferability import knn_loo_accuracy, logme
-from runtime.console import format_table, progress
+from runtime.console import Phases, format_table, progress
 from runtime.device import pick_device
 from runtime.files import atomic_write_text, new_version, publish, save_torch, write_csv
 from runtime.locks import exclusive
@@ -42,21 +40,6 @@ class ProbeOutputs:
     entries: list[dict[str, Any]]  # one per backbone x size, ranked
     leaderboard: str
     folder: Path
-
-
-class Phases:
-    """Wall time per phase of one backbone's probe, each logged as it ends (nothing runs unannounced for long)."""
-
-    def __init__(self, name: str) -> None:
-        self.name, self.seconds = name, {}
-
-    @contextmanager
-    def __call__(self, phase: str, detail: str = "") -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - t0
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
-        log.info("%s: %s%s %.2fs", self.name, phase, f" ({detail})" if detail else "", seconds)
 
 
 def select_caches(workdir: Path, backbones: list[str] | None) -> list[Path]:
@@ -141,7 +124,7 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     metric, seed, folds = settings.selection_metric, settings.seed, settings.folds
     published = settings.workdir / "probe"
     fit = Fit(metric=metric, options=grid.train, seed=seed, device=device)
-    phase = Phases(path.stem)
+    phase = Phases(path.stem, log)
     with phase("load"), open_cache(path) as fc:
         train = fc.load("train", views=fc.num_views > 0)
         val, test = fc.load("val"), fc.load("test")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -99,3 +101,19 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     line = lambda cells: "| " + " | ".join(s.ljust(w) for s, w in zip(cells, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(columns), sep, *(line(r) for r in body)])
+
+
+class Phases:
+    """Wall time per phase of one unit of work (a backbone), each logged to ``log`` as it ends, so nothing runs
+    unannounced for long; ``seconds`` keeps the totals per phase."""
+
+    def __init__(self, name: str, log: logging.Logger) -> None:
+        self.name, self.log, self.seconds = name, log, {}
+
+    @contextmanager
+    def __call__(self, phase: str, detail: str = "") -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+        self.log.info("%s: %s%s %.2fs", self.name, phase, f" ({detail})" if detail else "", seconds)
