@@ -27,7 +27,7 @@ from finetune.trainer import TrialSetup, run_trial
 from probe.classifier import load_classifier
 from probe.metrics import METRICS
 from profiling.export import ExportError
-from runtime.console import format_table, progress
+from runtime.console import Phases, format_table, progress
 from runtime.device import pick_device
 from runtime.files import atomic_write_text
 from runtime.locks import exclusive
@@ -63,11 +63,15 @@ def select_targets(workdir: Path, *, top: int, backbones: list[str] | None, metr
             raise ConfigError(f"--backbones {','.join(backbones)} matches nothing the probe ranked ({names})")
     else:
         chosen = entries[:top]
-    check_same_dataset(workdir, [Path(e["cache"]) for e in chosen])
+    # The files are looked up in this workdir by name, not at the paths results.json recorded: those are as the
+    # probe was given them (relative to its working directory), and a workdir may since have been moved or copied.
+    caches = [Path(workdir) / "features" / Path(e["cache"]).name for e in chosen]
+    check_same_dataset(workdir, caches)
     targets = []
-    for e in chosen:
-        targets.append(Target(record={k: e.get(k) for k in RECORD_KEYS}, cache=Path(e["cache"]),
-                              head_file=Path(e["head_file"]) if e.get("head_file") else None,
+    for e, cache in zip(chosen, caches):
+        targets.append(Target(record={k: e.get(k) for k in RECORD_KEYS}, cache=cache,
+                              head_file=Path(workdir) / "probe" / "heads" / Path(e["head_file"]).name
+                              if e.get("head_file") else None,
                               probe={"head": e["head"], "val": e["val"][metric], "test": e["test"][metric],
                                      "test_ci": e["test_ci"].get(metric), "weights": e["weights"],
                                      **{k: (e.get("transfer") or {}).get(k) for k in ("logme", "knn_loo")}}))
@@ -140,14 +144,17 @@ def _finish(target: Target, data: FinetuneData, study: Study, trials: list[dict[
     if not fresh:
         shutil.copy2(source, checkpoint)
         model, _ = load_checkpoint(checkpoint)
-        log.info("%s: testing trial %d once on the test split", target.name, best.number)
-        evaluated = evaluate_test(model, target, data, best_dir, setup, settings.bootstrap)
+        phase = Phases(target.name, log)
+        with phase(f"trial {best.number} tested once on the test split",
+                   f"{len(data.splits['test'].paths)} images, {settings.bootstrap} bootstrap resamples"):
+            evaluated = evaluate_test(model, target, data, best_dir, setup, settings.bootstrap)
         record = {"backbone": target.name, "trial": best.number, "source_checkpoint": identity, "params": best.point, "metric": metric,
                   "val": best.metric, "best_epoch": best.best_epoch, **evaluated}
         if settings.latency:
             try:
-                record["latency"] = export_and_time(checkpoint, target.data_config, data.splits["val"], best_dir,
-                                                    settings.provider)
+                with phase("ONNX export, its check against PyTorch, and its latency"):
+                    record["latency"] = export_and_time(checkpoint, target.data_config, data.splits["val"], best_dir,
+                                                        settings.provider)
             except (ExportError, RuntimeError) as exc:
                 log.warning("%s: no ONNX latency (%s)", target.name, exc)
         atomic_write_text(metrics_path, json.dumps(record, indent=2))
@@ -172,16 +179,19 @@ def _explain(target: Target, data: FinetuneData, tuning: TuningConfig, workdir: 
     kwargs = dict(images=data.splits["val"], classes=data.classes, data_cfg=target.data_config,
                   n=tuning.gradcam.images, override=override)
     weights = "RANDOM weights" if target.record["weights"] == "random" else f"weights {target.record['weights']}"
+    phase = Phases(target.name, log)
     try:
-        model, _ = load_checkpoint(Path(result["best_dir"]) / "best_model.pt")
-        result["gradcam"] = str(explain(model.to(device), path=out / f"{name}.png", **kwargs,
-                                        heading=f"{target.name} fine-tuned (trial {result['best']['trial']}, val {metric} "
-                                                f"{result['best']['val']:.3f}), {weights}"))
+        with phase("Grad-CAM of the fine-tuned model", f"{tuning.gradcam.images} validation images"):
+            model, _ = load_checkpoint(Path(result["best_dir"]) / "best_model.pt")
+            result["gradcam"] = str(explain(model.to(device), path=out / f"{name}.png", **kwargs,
+                                            heading=f"{target.name} fine-tuned (trial {result['best']['trial']}, val "
+                                                    f"{metric} {result['best']['val']:.3f}), {weights}"))
         if target.head_file is not None and target.head_file.is_file():
-            probe_model, _ = load_classifier(target.head_file)  # a kNN head too: explain() scores its vote mass
-            result["gradcam_probe"] = str(explain(probe_model.to(device), path=out / f"{name}-probe.png", **kwargs,
-                                                  heading=f"{target.name} probe ({target.probe['head']}, val {metric} "
-                                                          f"{target.probe['val']:.3f}), {weights}"))
+            with phase("Grad-CAM of the probe's classifier", f"{tuning.gradcam.images} validation images"):
+                probe_model, _ = load_classifier(target.head_file)  # a kNN head too: explain() scores its vote mass
+                result["gradcam_probe"] = str(explain(probe_model.to(device), path=out / f"{name}-probe.png", **kwargs,
+                                                      heading=f"{target.name} probe ({target.probe['head']}, val "
+                                                              f"{metric} {target.probe['val']:.3f}), {weights}"))
     except Exception as exc:  # an explanation must not cost the results
         log.warning("%s: Grad-CAM failed (%s: %s); set gradcam.target_layers for this architecture",
                     target.name, type(exc).__name__, exc)
