@@ -32,6 +32,7 @@ BATCH_SIZES = (1, 4, 16, 64)
 GPU_BATCH_SIZE = 64
 MIN_SECONDS = 0.25  # of timed forward passes per setting, after one warm-up batch
 LONG_BATCH_SECONDS = 1.0
+FORWARD = "channels-last"  # how extraction runs the forward pass: a measurement of another way is not reused
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def choose(name: str, forward: Callable[[torch.Tensor], object], input_size: tup
         return Setting(min(GPU_BATCH_SIZE, images), None)
     cores = torch.get_num_threads()  # the process's share: a Slurm job's cpus-per-task, say
     options = sorted({cores, max(1, cores - workers)}, reverse=True)
-    key = f"{machine()} | {name} | {'x'.join(map(str, input_size))} | threads {','.join(map(str, options))}"
+    key = (f"{machine()} | {name} | {'x'.join(map(str, input_size))} | threads {','.join(map(str, options))}"
+           f" | {FORWARD}")
     path = cache_file()
     try:
         known = json.loads(path.read_text()) if path.is_file() else {}

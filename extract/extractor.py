@@ -32,7 +32,7 @@ from extract.backbones import BackboneSpec
 from extract.dataset import Dataset, decode_workers
 from extract.models import Weights, library_versions
 from runtime.console import progress
-from runtime.device import autocast, empty_cache, is_out_of_memory
+from runtime.device import autocast, empty_cache, is_out_of_memory, uses_channels_last
 from runtime.images import load_rgb
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,11 @@ class _Forward:
 
     def __init__(self, model: nn.Module, device: torch.device, store_maps: bool, batch_size: int) -> None:
         self.model, self.device, self.store_maps, self.micro = model, device, store_maps, batch_size
-        self.channels_last = device.type == "cuda"
+        # channels-last convolutions are faster on CUDA and on CPUs too (oneDNN): 1.15-1.2x for EfficientNet-B0,
+        # ResNet-10t and MobileNetV3 at batch 8-32 on two cores; the same for ViT and ConvNeXt (README, Extraction).
+        self.channels_last = uses_channels_last(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x.to(self.device, non_blocking=True)
@@ -269,8 +273,6 @@ def extract_one(
         log.info("%s: resuming at row %d of %d", path.name, start, len(plan))
     model, untrained = model_factory()
     model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
     if batch_size is None and start >= len(plan):
         batch_size, threads = 1, None  # every row is written already: nothing to run, nothing to measure
     elif batch_size is None:  # measured on this machine, not guessed (extract/calibration.py)

@@ -32,7 +32,7 @@ from finetune.unfreeze import ProgressiveUnfreezer, default_schedule, stage_span
 from probe.metrics import METRICS, fast_metric
 from probe.train import class_weights
 from runtime.console import progress
-from runtime.device import autocast, empty_cache, is_out_of_memory
+from runtime.device import autocast, empty_cache, is_out_of_memory, uses_channels_last
 from runtime.errors import is_storage_failure
 from runtime.files import save_torch, write_csv
 
@@ -114,7 +114,7 @@ class _Trial:
                                               self.opts)
         self.model.to(device)
         self.cuda = device.type == "cuda"
-        if self.cuda and self.opts.channels_last:
+        if self.opts.channels_last and uses_channels_last(device):
             self.model.to(memory_format=torch.channels_last)
         num_classes = len(data.classes)
         weight = class_weights(data.train_labels, num_classes).to(device) if self.opts.class_weighted else None
@@ -209,7 +209,7 @@ class _Trial:
             self._check_stop()
             self._set_lr(epoch, step, steps)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.cuda and self.opts.channels_last:
+            if self.opts.channels_last and uses_channels_last(self.device):
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 loss = self.criterion(self.model(x), y)
@@ -328,7 +328,7 @@ def predict_logits(model: torch.nn.Module, split: Split, transform: Any, *, devi
     out, labels = [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
-        if cuda and channels_last:
+        if channels_last and uses_channels_last(device):
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device) if cuda and amp else contextlib.nullcontext():
             out.append(model(x).float())

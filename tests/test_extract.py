@@ -59,6 +59,35 @@ def test_cache_format_and_values(image_folder: Path, extract_kwargs: dict) -> No
     np.testing.assert_allclose(pooled[:5], expected, rtol=2e-3, atol=2e-3)  # float16 storage
 
 
+def test_channels_last_forward_stores_the_same_pooled_features_and_maps_as_a_plain_forward(
+        image_folder: Path, extract_kwargs: dict) -> None:
+    """On a CPU the extractor runs convolutions channels-last (faster); what it stores is the model's plain NCHW
+    output all the same: pooled features, and feature maps in (C, H, W) order."""
+    from extract.extractor import _Forward
+
+    torch.manual_seed(RANDOM_INIT_SEED)
+    model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=0).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        fmap = model.forward_features(x)
+        pooled = model.forward_head(fmap, pre_logits=True)
+    forward = _Forward(model, torch.device("cpu"), store_maps=True, batch_size=2)  # two micro-batches
+    got_pooled, got_maps = forward(x)
+    assert forward.channels_last and model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(got_pooled, pooled.numpy(), rtol=1e-4, atol=1e-5)
+    assert got_maps.shape == tuple(fmap.shape)
+    np.testing.assert_allclose(got_maps.astype(np.float32), fmap.half().float().numpy(), rtol=1e-2, atol=1e-2)
+    # and through the whole command into the cache, against timm's eval transform and a plain forward
+    (result,) = extract_features(ExtractSettings(data=str(image_folder), **{**extract_kwargs, "store_maps": True}))
+    with h5py.File(result.path, "r") as f:
+        cfg = json.loads(f.attrs["data_config"])
+        ids, stored = f["ids"].asstr()[:4], f["maps"][:4].astype(np.float32)
+    tf = timm.data.create_transform(**cfg, is_training=False)
+    with torch.no_grad():
+        want = model.forward_features(torch.stack([tf(load_rgb(image_folder / i)) for i in ids])).contiguous()
+    np.testing.assert_allclose(stored, want.half().float().numpy(), rtol=1e-2, atol=1e-2)
+
+
 def test_reader_api(image_folder: Path, extract_kwargs: dict) -> None:
     (result,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     (entry,) = list_caches(extract_kwargs["workdir"])

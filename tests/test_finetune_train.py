@@ -88,6 +88,26 @@ def trial(target_and_data, folder: Path, **overlay) -> trainer_module.TrialOutco
     return run_trial(target, data, tuning.defaults, tuning, folder, TrialSetup(metric, torch.device("cpu")))
 
 
+def test_a_workdir_probed_by_a_relative_path_is_fine_tuned_after_a_move_from_another_directory(
+        workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """results.json records the paths the probe was given (here relative to where it ran); stage two finds the
+    cache and the head in the workdir it is given, wherever that now is."""
+    import shutil
+
+    first = tmp_path / "first"
+    shutil.copytree(workdir / "features", first / "run" / "features")
+    shutil.copy(workdir / "dataset.json", first / "run" / "dataset.json")
+    monkeypatch.chdir(first)
+    run_probe(ProbeSettings(workdir=Path("run"), device="cpu", bootstrap=20, progress=False))  # as typed
+    moved = tmp_path / "moved"
+    shutil.move(first / "run", moved)
+    monkeypatch.chdir(tmp_path)
+    (target,), _ = select_targets(moved, top=1, backbones=None, metric=None)
+    assert target.cache == moved / "features" / "test_resnet.r160_in1k@48.h5" and target.cache.is_file()
+    assert target.head_file == moved / "probe" / "heads" / "test_resnet.r160_in1k@48.pt" and target.head_file.is_file()
+    assert len(load_data(moved, target.cache).splits["val"].paths) > 0
+
+
 def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
     target, data, _ = target_and_data
     model, config, source = build_classifier(target, head_init="probe", data=data, drop_path_rate=0.1)
