@@ -198,7 +198,7 @@ def extract_then_probe(extract_args: list[str], goal: float) -> None:
         base, grid = parts["logreg baseline"], parts["grid"]
         imp = dynamo_import_seconds()
         print(f"   baseline / grid = {base / grid:.2f}   (goal <= 1); without the one-off torch._dynamo import in the "
-              f"baseline's phase ({imp:.1f} s, timed in a fresh process; the head export needs it next anyway): "
+              f"baseline's phase ({imp:.1f} s, timed in a fresh process; nothing else in the probe needs it): "
               f"{(base - imp) / grid:.2f}")
 
 

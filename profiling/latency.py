@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from runtime.device import DeviceError
+from runtime.device import DeviceError, uses_channels_last
 
 NOISY_CV = 0.10
 
@@ -139,8 +139,12 @@ def measure_onnxruntime(session: ort.InferenceSession, batch: np.ndarray, **timi
 
 
 def measure_eager(model: nn.Module, batch: torch.Tensor, device: torch.device, **timing: Any) -> LatencyStats:
-    """PyTorch eager latency of the same model and batch, for reference."""
+    """PyTorch eager latency of the same model and batch, for reference: run as extraction runs it (channels-last
+    where that is faster; ``model`` is converted in place)."""
     x = batch.to(device)
+    if uses_channels_last(device) and x.ndim == 4:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run() -> None:

@@ -31,7 +31,7 @@ from profiling.export import ExportError, append_head, export_onnx, matmul_flops
 from profiling.flops import count_flops, count_parameters
 from profiling.latency import choose_providers, make_session, measure_eager, measure_onnxruntime, peak_matmul_gflops
 from profiling.pareto import ParetoPoint, plot_pareto
-from runtime.console import format_table, progress
+from runtime.console import Phases, format_table, progress
 from runtime.device import pick_device
 from runtime.files import atomic_write_text, write_csv
 from runtime.images import IMAGE_SUFFIXES, load_rgb
@@ -130,9 +130,11 @@ def profile_target(target: Unit, settings: ProfilingSettings, bench: Bench) -> l
     images, providers, device, peak_gflops = bench.images, bench.providers, bench.device, bench.peak_gflops
     threads, tolerance = settings.threads, settings.tolerance
     timing = {"warmup": settings.warmup, "min_runs": settings.min_runs, "min_seconds": settings.min_seconds}
+    phase = Phases(target.name, log)  # each step logged as it ends: a backbone takes ~20 s on two cores
     model, untrained = create_backbone(target.spec, target.weights, exportable=True, **target.size_kwargs)
     input_size = tuple(target.data_cfg["input_size"])
-    flops = count_flops(model, input_size)
+    with phase("FLOPs"):
+        flops = count_flops(model, input_size)
     params = count_parameters(model)
     stem = f"{safe_name(target.spec.name)}@{target.image_size}"
     onnx_path = out / f"{stem}.onnx"
@@ -142,22 +144,24 @@ def profile_target(target: Unit, settings: ProfilingSettings, bench: Bench) -> l
            "weights": target.weights.tag, "input_size": input_size}
     # The backbone's own graph; with a probe head, the deployable model is backbone + head in one graph.
     backbone_path = out / "backbones" / f"{stem}.onnx" if with_head else onnx_path
-    exported = export_onnx(model, input_size, backbone_path, key=key)
+    with phase("ONNX export", "reused while the model is unchanged"):
+        exported = export_onnx(model, input_size, backbone_path, key=key)
 
-    tf = timm.data.create_transform(**target.data_cfg, is_training=False)
-    x = torch.stack([tf(image) for image in images])
-    with torch.no_grad():
-        reference = model(x).numpy()
-    if with_head:
-        onnx_path.with_suffix(".onnx.json").unlink(missing_ok=True)  # it is no longer the backbone-only export
-        append_head(backbone_path, head_path, onnx_path)
-        head_session = ort.InferenceSession(str(head_path), providers=["CPUExecutionProvider"])
-        # The reference is PyTorch's backbone followed by the probe's own exported head.
-        reference = head_session.run(None, {head_session.get_inputs()[0].name: reference})[0]
-        flops += matmul_flops(head_path)
-    session, session_info, created_s = make_session(onnx_path, providers, threads, cache_dir=out / "trt-cache")
-    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    rel = max_relative_error(reference, onnx_out)
+    with phase("ONNX checked against PyTorch", f"{len(images)} images" + (", with the probe's head" if with_head else "")):
+        tf = timm.data.create_transform(**target.data_cfg, is_training=False)
+        x = torch.stack([tf(image) for image in images])
+        with torch.no_grad():
+            reference = model(x).numpy()
+        if with_head:
+            onnx_path.with_suffix(".onnx.json").unlink(missing_ok=True)  # it is no longer the backbone-only export
+            append_head(backbone_path, head_path, onnx_path)
+            head_session = ort.InferenceSession(str(head_path), providers=["CPUExecutionProvider"])
+            # The reference is PyTorch's backbone followed by the probe's own exported head.
+            reference = head_session.run(None, {head_session.get_inputs()[0].name: reference})[0]
+            flops += matmul_flops(head_path)
+        session, session_info, created_s = make_session(onnx_path, providers, threads, cache_dir=out / "trt-cache")
+        onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        rel = max_relative_error(reference, onnx_out)
     if not rel <= tolerance:
         raise ExportError(f"ONNX and PyTorch outputs differ: max relative error {rel:.2e} > tolerance {tolerance:.0e}")
 
@@ -165,8 +169,9 @@ def profile_target(target: Unit, settings: ProfilingSettings, bench: Bench) -> l
     records = []
     for bs in settings.batch_sizes:
         batch = torch.randn(bs, *input_size)
-        ort_stats = measure_onnxruntime(session, batch.numpy(), **timing)
-        eager = measure_eager(model, batch, device, **timing)  # the backbone: the head is not a PyTorch module here
+        with phase(f"batch {bs} timed", "ONNX Runtime, then PyTorch eager"):
+            ort_stats = measure_onnxruntime(session, batch.numpy(), **timing)
+            eager = measure_eager(model, batch, device, **timing)  # the backbone: the head is not a PyTorch module here
         floor_ms = flops * bs / (peak_gflops * 1e9) * 1e3
         records.append({
             "backbone": target.spec.name, "model": target.spec.model, "image_size": target.image_size, "batch_size": bs,
