@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -44,7 +45,7 @@ class _Graph:
         return names[0] if outputs == 1 else names
 
 
-def _array(t) -> np.ndarray:  # noqa: ANN001 - a torch tensor
+def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().float().numpy()
 
 
