@@ -24,6 +24,22 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 CLASSES = ("cat", "dog", "fox")
 
 
+@pytest.fixture(scope="session")
+def demo_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workdir with the demo digits extracted through timm's test_resnet and test_efficientnet at 48 px, random
+    weights: built once per run and shared by test_probe, test_profiling and test_report (read or copied only)."""
+    def extract(base: Path) -> Path:
+        from configs.extract import ExtractSettings
+        from extract.pipeline import extract_features
+
+        work = base / "run"
+        extract_features(ExtractSettings(data="demo", backbones=["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"],
+                                         workdir=work, pretrained=False, image_size=[48], workers=0, device="cpu",
+                                         progress=False))
+        return work
+    return built_once(tmp_path_factory, "demo-caches", extract)
+
+
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
     """What ``build(folder)`` returns, built once per test run and shared by every module and every xdist worker
     that asks for ``name``: the first one builds it under a lock, the others wait for it and reuse it (the

@@ -9,7 +9,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import built_once
 from torch import nn
 
 from configs.probe import ProbeSettings
@@ -175,19 +174,16 @@ def test_profiling_end_to_end_with_a_failure(tmp_path: Path, caplog: pytest.LogC
     assert "simulated export failure" in caplog.text
 
 
-def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, demo_caches: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     """extract -> probe -> profiling: the exported model is backbone + chosen head, images to class logits."""
     from probe.classifier import load_classifier
     from probe.pipeline import run_probe
-    from tests.test_probe import extracted_workdir
 
-    # One of the caches test_probe's extraction leaves (demo digits, 48 px, random weights), shared by the run.
-    extracted = built_once(tmp_path_factory, "probe", extracted_workdir)
-    work = tmp_path / "w"
+    work = tmp_path / "w"  # one of the shared demo caches
     (work / "features").mkdir(parents=True)
-    shutil.copy(extracted / "features" / "test_resnet.r160_in1k@48.h5", work / "features")
-    shutil.copy(extracted / "dataset.json", work)
+    shutil.copy(demo_caches / "features" / "test_resnet.r160_in1k@48.h5", work / "features")
+    shutil.copy(demo_caches / "dataset.json", work)
     run_probe(ProbeSettings(workdir=work, bootstrap=20, progress=False))
     assert (work / "probe" / "heads" / "test_resnet.r160_in1k@48.onnx").is_file()
     argv = ["--workdir", str(work), "--batch-sizes", "1", "3", "--min-runs", "3", "--min-seconds", "0", "--warmup", "1",

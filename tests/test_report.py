@@ -16,7 +16,7 @@ from conftest import built_once
 from configs.probe import ProbeSettings
 from probe.pipeline import run_probe
 from report.html import REPORT, write_report
-from tests.test_probe import SMALL_GRID, extracted_workdir
+from tests.test_probe import SMALL_GRID
 
 BACKBONES = ["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"]
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.xdist_group("report")
 
 
 def _stage_one(base: Path, extracted: Path) -> Path:
-    """test_probe's extraction (the same digits through BACKBONES at 48 px), probed and reported."""
+    """The shared demo caches (the digits through BACKBONES at 48 px), probed and reported."""
     work = base / "run"
     shutil.copytree(extracted, work)
     grid = base / "grid.yaml"
@@ -37,10 +37,9 @@ def _stage_one(base: Path, extracted: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workdir(tmp_path_factory: pytest.TempPathFactory, demo_caches: Path) -> Path:
     """Two tiny random-weight backbones on the demo digits, probed: what stage one leaves (read or copied only)."""
-    extracted = built_once(tmp_path_factory, "probe", extracted_workdir)
-    return built_once(tmp_path_factory, "report", lambda base: _stage_one(base, extracted))
+    return built_once(tmp_path_factory, "report", lambda base: _stage_one(base, demo_caches))
 
 
 def test_report_holds_the_dataset_the_leaderboard_and_every_image_embedded(workdir: Path) -> None:
