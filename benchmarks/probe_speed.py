@@ -104,7 +104,6 @@ def phases(work: Path) -> dict[str, float]:
     for entry in data["leaderboard"]:
         for name, seconds in entry["phase_seconds"].items():
             total[name] = total.get(name, 0.0) + seconds
-    total["head ONNX files"] = data["head_onnx_seconds"]  # all backbones' heads, written after the last
     return total
 
 

@@ -106,7 +106,6 @@ def head_model(head: nn.Module) -> onnx.ModelProto:
     return model
 
 
-def write_heads_onnx(heads: list[tuple[nn.Module, Path]]) -> None:
-    """Each (head, path): the head as ONNX at path. A failed write raises (the caller publishes nothing)."""
-    for head, path in heads:
-        onnx.save(head_model(head), str(path))
+def write_head_onnx(head: nn.Module, path: Path) -> None:
+    """``head`` as ONNX at ``path``. A failed write raises (the caller publishes nothing)."""
+    onnx.save(head_model(head), str(path))

@@ -18,8 +18,8 @@ from sklearn.model_selection import StratifiedKFold
 from cache import CacheError, check_same_dataset, list_caches, open_cache
 from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
 from probe.baseline import logreg_baseline
-from probe.head_onnx import write_heads_onnx
-from probe.heads import head_checkpoint, head_from_checkpoint
+from probe.head_onnx import write_head_onnx
+from probe.heads import head_checkpoint
 from probe.leaderboard import leaderboard_rows, mark_ties, read_profiling
 from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k, metrics_of_heads
 from probe.plots import plot_confusion, plot_confusion_grid
@@ -201,13 +201,13 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
     # The chosen head, loadable on its backbone with torch.load(weights_only=True).
     head_path = out / "heads" / f"{name}.pt"
     head_path.parent.mkdir(parents=True, exist_ok=True)
-    # Its ONNX file is written with the other backbones' heads, in one export call (_probe_all).
-    with phase("head file", "checkpoint"):
+    with phase("head files", "checkpoint and ONNX"):
         save_torch(head_checkpoint(chosen.head, chosen.config, dim=train.features.shape[1], num_classes=c, info={
             **{key: info[key] for key in ("backbone", "model", "model_kwargs", "weights", "weights_location",
                                           "image_size", "data_config", "classes")},
             "metric": metric, "val_metric": chosen.val_metric, "seed": seed,
         }), head_path)
+        write_head_onnx(chosen.head, head_path.with_suffix(".onnx"))
     history_path = out / "history" / f"{name}.csv"
     with phase("history and plot"):
         write_csv(history_path, chosen.history)
@@ -219,7 +219,7 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
              "grid_seconds": phase.seconds["grid"], "seconds": time.perf_counter() - t0,
              "phase_seconds": phase.seconds,
              "head_file": str(published / head_path.relative_to(out)),
-             "head_onnx": None,  # set once it is written
+             "head_onnx": str(published / head_path.with_suffix(".onnx").relative_to(out)),
              "history_file": str(published / history_path.relative_to(out)),
              "cv": {"mean": float(cv["mean"][best]), "std": float(cv["std"][best]), "folds": folds} if cv else None}
     log.info("%s: best %s, val %s %.4f, test %.4f [%.3f, %.3f]; %d heads in %.2fs, %.1fs in all", name,
@@ -273,22 +273,6 @@ def refresh_leaderboard(workdir: Path) -> ProbeOutputs:
     return ProbeOutputs(entries=ranked, leaderboard=text, folder=Path(workdir) / "probe")
 
 
-def _write_head_onnx_files(entries: list[dict[str, Any]], published: Path, out: Path) -> float:
-    """Every entry's chosen head (its checkpoint in ``out``) as ONNX beside it; sets the entries' ``head_onnx`` to
-    where the files will be published. Returns the seconds it took."""
-    t0 = time.perf_counter()
-    items = []
-    for entry in entries:
-        checkpoint = out / Path(entry["head_file"]).relative_to(published)
-        items.append((head_from_checkpoint(torch.load(checkpoint, weights_only=True), str(checkpoint)),
-                      checkpoint.with_suffix(".onnx")))
-        entry["head_onnx"] = str(published / items[-1][1].relative_to(out))
-    write_heads_onnx(items)
-    seconds = time.perf_counter() - t0
-    log.info("ONNX files of the %d chosen head(s) %.2fs", len(entries), seconds)
-    return seconds
-
-
 def _probe_all(paths: list[Path], head_grid: Grid, s: ProbeSettings, dev: torch.device, out: Path
                ) -> tuple[list[dict[str, Any]], str]:
     metric, grid, n_heads = s.selection_metric, s.grid, len(head_grid.heads) if s.grid else 1
@@ -297,14 +281,13 @@ def _probe_all(paths: list[Path], head_grid: Grid, s: ProbeSettings, dev: torch.
         entry, r = probe_cache(path, head_grid, s, dev, out)
         entries.append(entry)
         rows += r
-    onnx_seconds = _write_head_onnx_files(entries, s.workdir / "probe", out)
     ranked = mark_ties(entries, metric)
     leaderboard = render_leaderboard(s.workdir, ranked, metric=metric, n_boot=s.bootstrap, seed=s.seed,
                                      n_heads=n_heads, ordinal=s.ordinal, folder=out)
     write_csv(out / "results.csv", rows)
     atomic_write_text(out / "results.json", json.dumps(_jsonable({
         "metric": metric, "seed": s.seed, "grid": grid, "n_heads": n_heads, "ordinal": s.ordinal, "folds": s.folds,
-        "bootstrap": s.bootstrap, "head_onnx_seconds": onnx_seconds, "leaderboard": ranked, "rows": rows}), indent=2))
+        "bootstrap": s.bootstrap, "leaderboard": ranked, "rows": rows}), indent=2))
     top = ranked[:4]
     if top:
         plot_confusion_grid([(f"#{e['rank']} {e['backbone']}@{e['image_size']}\n{e['head']}\n"

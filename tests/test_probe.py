@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import built_once
 from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
@@ -24,7 +23,7 @@ from extract.pipeline import extract_features
 from probe.baseline import logreg_baseline
 from probe.classifier import load_classifier, load_head
 from probe.cli import main as probe_main
-from probe.head_onnx import head_model, write_heads_onnx
+from probe.head_onnx import head_model, write_head_onnx
 from probe.leaderboard import mark_ties
 from probe.metrics import (
     METRICS,
@@ -49,20 +48,10 @@ default: {type: linear, lr: 0.01, weight_decay: 0.001, epochs: 6, patience: 3}
 """
 
 
-def extracted_workdir(base: Path) -> Path:
-    """extract only: the demo digits through test_resnet and test_efficientnet at 48 px (test_profiling copies
-    one of its caches too)."""
-    work = base / "run"
-    extract_features(ExtractSettings(data="demo", backbones=["test_resnet.r160_in1k", "test_efficientnet.r160_in1k"],
-                                     workdir=work, pretrained=False, image_size=[48], workers=0, device="cpu",
-                                     progress=False))
-    return work
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workdir(demo_caches: Path) -> Path:
     """The demo digits through two tiny random-weight backbones at 48 px (read or copied only)."""
-    return built_once(tmp_path_factory, "probe", extracted_workdir)
+    return demo_caches
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +331,7 @@ def test_every_head_type_is_written_as_onnx_equal_to_its_pytorch_head(config: He
     (res,) = train_grid([config.model_copy(update={"epochs": 2})], Examples(xt, yt),
                         Examples(xv, rng.integers(0, 3, 20)), 3)
     path = tmp_path / "head.onnx"
-    write_heads_onnx([(res.head, path)])
+    write_head_onnx(res.head, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [(i.name, i.shape) for i in session.get_inputs()] == [("features", ["batch", dim])]
     assert [(o.name, o.shape) for o in session.get_outputs()] == [("logits", ["batch", 3])]
@@ -553,11 +542,11 @@ def test_killed_probe_leaves_the_previous_complete_set(workdir: Path, grid_file:
     assert probe_main(base) == 0  # the default head only
     before = json.loads((work / "probe" / "results.json").read_text())
 
-    def killed_after_the_first(heads):
-        write_heads_onnx(heads[:1])
+    def killed_after_the_first(head, path):
+        write_head_onnx(head, path)
         raise KeyboardInterrupt  # as a kill would, after the first backbone's new ONNX head was written
 
-    monkeypatch.setattr(pipeline, "write_heads_onnx", killed_after_the_first)
+    monkeypatch.setattr(pipeline, "write_head_onnx", killed_after_the_first)
     with pytest.raises(KeyboardInterrupt):
         probe_main([*base, "--grid"])
     after = json.loads((work / "probe" / "results.json").read_text())
