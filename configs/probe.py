@@ -116,6 +116,10 @@ class GridTraining(Settings):
     # A head's epoch (and the grid's head) is chosen by its validation metric averaged over this many
     # consecutive epochs, past warm-up: one lucky epoch of a noisy small validation split is not chosen.
     smooth_epochs: int = Field(3, ge=1)
+    # The heads' matrix products while training. Weights, optimiser state, the loss and every validation pass stay
+    # float32; "bfloat16" rounds the products' inputs (mixed precision, as in torch.autocast), which halves their
+    # cost where the hardware multiplies bfloat16 natively. "auto": bfloat16 there, float32 elsewhere.
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 def _listed(value: Any) -> Any:

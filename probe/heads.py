@@ -37,7 +37,11 @@ class LinearHead(nn.Module):
         self.fc = nn.Linear(dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(x))
+        return self.classify(self.norm(x))
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits of features already standardised with this head's statistics."""
+        return self.fc(z)
 
 
 class MLPHead(nn.Module):
@@ -55,7 +59,11 @@ class MLPHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm(x))
+        return self.classify(self.norm(x))
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits of features already standardised with this head's statistics."""
+        return self.mlp(z)
 
 
 class KNNHead(nn.Module):

@@ -23,7 +23,7 @@ from probe.heads import head_checkpoint
 from probe.leaderboard import leaderboard_rows, mark_ties, read_profiling
 from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k, metrics_of_heads
 from probe.plots import plot_confusion, plot_confusion_grid
-from probe.train import Examples, Fit, TrainedHead, predict_proba, train_grid
+from probe.train import Examples, Fit, TrainedHead, predict_proba, products_dtype, train_grid
 from probe.transferability import knn_loo_accuracy, logme
 from runtime.console import Phases, format_table, progress
 from runtime.device import pick_device
@@ -153,7 +153,9 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
 
     with phase("LogME and kNN"):
         transfer = transfer_scores(known.features, known.labels, name)
-    log.info("%s: training %d head(s) on %d x %d features", name, len(configs), *train.features.shape)
+    precision = str(products_dtype(grid.train, device)).removeprefix("torch.")
+    log.info("%s: training %d head(s) on %d x %d features (%s products)", name, len(configs),
+             *train.features.shape, precision)
     with phase("grid", f"{len(configs)} heads"):
         trained = train_grid(configs, train, val, c, fit, progress=settings.progress, desc=name)
     best = choose(trained, metric, scores)
@@ -216,6 +218,7 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
                        out / "confusion" / f"{name}.png", random_weights=info["weights"] == "random")
     entry = {**info, "head": chosen.config.name, "head_config": chosen.config.to_dict(), "val": val_best,
              "test": test_metrics, "test_ci": ci, "logreg": logreg, "transfer": transfer, "n_heads": len(configs),
+             "grid_precision": precision,
              "grid_seconds": phase.seconds["grid"], "seconds": time.perf_counter() - t0,
              "phase_seconds": phase.seconds,
              "head_file": str(published / head_path.relative_to(out)),

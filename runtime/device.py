@@ -39,6 +39,16 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware, so they cost about half of float32's: a CPU with
+    AVX512-BF16 or AMX (oneDNN's kernels), a CUDA device with bfloat16 tensor cores."""
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return False
+
+
 def uses_channels_last(device: torch.device) -> bool:
     """Whether images go through convolutions channels-last on ``device``: on CUDA and on CPUs, where it was
     faster for every convolutional backbone measured and no slower for the others; not on MPS (unmeasured)."""

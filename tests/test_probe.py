@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cache import CacheError, open_cache
 from configs.extract import ExtractSettings
-from configs.probe import HeadConfig, ProbeSettings, load_grid
+from configs.probe import GridTraining, HeadConfig, ProbeSettings, load_grid
 from configs.settings import ConfigError
 from extract.pipeline import extract_features
 from probe.baseline import logreg_baseline
@@ -36,7 +36,8 @@ from probe.metrics import (
     metrics_of_heads,
 )
 from probe.pipeline import probe_cache, run_probe
-from probe.train import Examples, Fit, HeadStack, train_grid
+from probe.train import Examples, Fit, HeadStack, products_dtype, train_grid
+from runtime.device import native_bfloat16
 
 SMALL_GRID = """
 train: {batch_size: 64, warmup_epochs: 1, standardize: true}
@@ -197,6 +198,7 @@ def test_ties() -> None:
     ("heads: {linear: {weight_decay: [fast]}}", r"heads\.linear\.weight_decay"),
     ("heads: {svm: {lr: [0.01]}}", r"heads\.svm: unknown key"),
     ("train: {batch_sise: 64}", r"train\.batch_sise: unknown key"),
+    ("train: {precision: half}", r"train\.precision: Input should be 'auto', 'float32' or 'bfloat16'"),
     ("heads: {linear: {lr: [0.01, 0.01]}}", r"repeats head"),
 ])
 def test_bad_grid_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -277,18 +279,62 @@ def test_l2_decay_optimum_is_logistic_regression() -> None:
     np.testing.assert_allclose((xt @ w.T + b).softmax(1).numpy(), ref.predict_proba(xs), atol=1e-4)
 
 
-def test_grid_equals_heads_trained_alone(workdir: Path, grid_file: Path) -> None:
+@pytest.mark.parametrize(("precision", "atol"), [("float32", 1e-5), ("bfloat16", 2e-3)])
+def test_grid_equals_heads_trained_alone(workdir: Path, grid_file: Path, precision: str, atol: float) -> None:
+    """Exactly in float32; in bfloat16 within its rounding, which depends on how wide the stacked product is."""
     grid = load_grid(grid_file)
     with open_cache(workdir / "features" / "test_resnet.r160_in1k@48.h5") as fc:
         tr, va = fc.load("train"), fc.load("val")
-    fit = Fit(options=grid.train, seed=5)
+    fit = Fit(options=grid.train.model_copy(update={"precision": precision}), seed=5)
     together = train_grid(grid.heads, tr, va, 10, fit)
     for i in (0, 5, 8, 9, 10):  # linear, class-weighted linear, MLP with dropout, both kNN
         alone = train_grid([grid.heads[i]], tr, va, 10, fit)[0]
         assert alone.best_epoch == together[i].best_epoch
-        np.testing.assert_allclose(alone.val_proba, together[i].val_proba, atol=1e-5)
+        np.testing.assert_allclose(alone.val_proba, together[i].val_proba, atol=atol)
         assert alone.val_metric == pytest.approx(together[i].val_metric)
     assert len(together) == len(grid.heads) == 11
+
+
+def test_bfloat16_products_train_the_grid_as_well_as_float32(workdir: Path, grid_file: Path) -> None:
+    """Mixed precision rounds the heads' products, not what the grid finds: the best validation metric within half a
+    point of float32's, each head close, and the heads float32 as before."""
+    grid = load_grid(grid_file)
+    with open_cache(workdir / "features" / "test_efficientnet.r160_in1k@48.h5") as fc:
+        tr, va = fc.load("train"), fc.load("val")
+    runs = {p: train_grid(grid.heads, tr, va, 10, Fit(options=grid.train.model_copy(update={"precision": p})))
+            for p in ("float32", "bfloat16")}
+    low, full = runs["bfloat16"], runs["float32"]
+    assert max(t.score for t in low) == pytest.approx(max(t.score for t in full), abs=0.005)
+    trained = [i for i, h in enumerate(grid.heads) if h.trainable]
+    assert np.mean([abs(low[i].val_metric - full[i].val_metric) for i in trained]) < 0.01
+    assert any(not np.array_equal(low[i].val_proba, full[i].val_proba) for i in trained)  # it was rounded
+    assert all(p.dtype == torch.float32 for i in trained for p in low[i].head.parameters())
+
+
+def test_auto_precision_is_bfloat16_where_the_cpu_multiplies_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else None
+    if flags is not None:  # the CPU's own word on it
+        assert native_bfloat16(cpu) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert products_dtype(GridTraining(), cpu) == (torch.bfloat16 if native_bfloat16(cpu) else torch.float32)
+    assert products_dtype(GridTraining(precision="float32"), cpu) == torch.float32
+    assert products_dtype(GridTraining(precision="bfloat16"), cpu) == torch.bfloat16
+    import probe.train
+
+    monkeypatch.setattr(probe.train, "native_bfloat16", lambda device: False)
+    assert products_dtype(GridTraining(), cpu) == torch.float32
+
+
+@pytest.mark.parametrize("hidden", [(), (16,)], ids=["linear", "mlp"])
+def test_a_head_classifies_standardised_features_as_its_forward_does_raw_ones(hidden: tuple[int, ...]) -> None:
+    from probe.heads import build_head
+
+    torch.manual_seed(0)
+    x = torch.randn(20, 6) * 3 + 1
+    mean, std = x.mean(0), x.std(0)
+    head = build_head(HeadConfig(type="mlp" if hidden else "linear", hidden=hidden), 6, 4, mean, std).eval()
+    with torch.no_grad():
+        assert torch.equal(head.classify((x - mean) / std), head(x))
 
 
 def test_knn_heads_of_a_grid_share_one_similarity_matrix() -> None:
@@ -423,6 +469,8 @@ def test_probe_outputs_and_reload(workdir: Path, grid_file: Path, tmp_path: Path
     out = work / "probe"
     results = json.loads((out / "results.json").read_text())
     assert len(results["rows"]) == 2 * (11 + 1)  # 11 heads + logreg per backbone
+    assert {e["grid_precision"] for e in results["leaderboard"]} == {
+        str(products_dtype(GridTraining(), torch.device("cpu"))).removeprefix("torch.")}
     chosen = [r for r in results["rows"] if r["chosen"]]
     assert len(chosen) == 2 and all("test_macro_f1" in r and "test_macro_f1_ci_low" in r for r in chosen)
     assert all("test_macro_f1" not in r for r in results["rows"] if not r["chosen"] and r["cfg_type"] != "logreg")
