@@ -61,9 +61,10 @@ def main() -> int:
             weights = Weights("random", None, "random")
             data_cfg, size_kwargs = preprocessing(spec, args.image_size)
             model, _ = create_backbone(spec, weights, **size_kwargs)
-            forward = _Forward(model, torch.device("cpu"), False, 1).run
+            runner = _Forward(model, torch.device("cpu"), False, 1)  # as extraction runs it (mixed precision too)
+            forward = runner.run
             shape = tuple(data_cfg["input_size"])
-            print(f"== {name} @ {shape[-1]} px, {len(dataset.samples)} images ==")
+            print(f"== {name} @ {shape[-1]} px, {len(dataset.samples)} images, forward {runner.how} ==")
             table = []
             for threads in range(cores, 0, -1):
                 for b in calibration.BATCH_SIZES:
@@ -74,7 +75,7 @@ def main() -> int:
             t0 = time.perf_counter()
             # The name extraction looks it up by: extraction below uses this calibration, not a second one.
             chosen = calibration.choose(f"{spec.name}@{shape[-1]}", forward, shape, torch.device("cpu"), default_workers(),
-                                        len(dataset.samples))
+                                        len(dataset.samples), how=runner.how)
             cost = time.perf_counter() - t0
             print(f"   best of (a): batch {best[1]}, {best[0]} thread(s), {best[2]:.1f} images/s")
             print(f"   (b) calibration chose batch {chosen.batch_size}, {chosen.threads} thread(s) in {cost:.1f} s")

@@ -32,7 +32,6 @@ BATCH_SIZES = (1, 4, 16, 64)
 GPU_BATCH_SIZE = 64
 MIN_SECONDS = 0.25  # of timed forward passes per setting, after one warm-up batch
 LONG_BATCH_SECONDS = 1.0
-FORWARD = "channels-last"  # how extraction runs the forward pass: a measurement of another way is not reused
 
 
 @dataclass(frozen=True)
@@ -106,14 +105,15 @@ def measure(forward: Callable[[torch.Tensor], object], input_size: tuple[int, ..
 
 
 def choose(name: str, forward: Callable[[torch.Tensor], object], input_size: tuple[int, ...], device: torch.device,
-           workers: int, images: int) -> Setting:
-    """The batch size (and on a CPU the torch threads) for extracting ``images`` images with ``forward``."""
+           workers: int, images: int, how: str) -> Setting:
+    """The batch size (and on a CPU the torch threads) for extracting ``images`` images with ``forward``, which
+    runs the model ``how`` (layout and precision: a measurement of another way is not reused)."""
     if device.type != "cpu":
         return Setting(min(GPU_BATCH_SIZE, images), None)
     cores = torch.get_num_threads()  # the process's share: a Slurm job's cpus-per-task, say
     options = sorted({cores, max(1, cores - workers)}, reverse=True)
     key = (f"{machine()} | {name} | {'x'.join(map(str, input_size))} | threads {','.join(map(str, options))}"
-           f" | {FORWARD}")
+           f" | {how}")
     path = cache_file()
     try:
         known = json.loads(path.read_text()) if path.is_file() else {}

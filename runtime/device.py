@@ -31,12 +31,23 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); full precision elsewhere."""
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The dtype of mixed precision on ``device``, None for full precision: on CUDA bfloat16 where supported, else
+    float16; on a CPU that multiplies bfloat16 natively (:func:`native_bfloat16`) bfloat16; none elsewhere, where
+    it would be emulated and slower."""
+    if not enabled:
+        return None
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and native_bfloat16(device):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` with :func:`amp_dtype`; full precision where that is None."""
+    dtype = amp_dtype(device, enabled)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def native_bfloat16(device: torch.device) -> bool:

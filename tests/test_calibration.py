@@ -42,10 +42,13 @@ def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     torch.set_num_threads(before)
 
 
+HOW = "channels-last, float32"
+
+
 def test_chooses_the_fastest_and_keeps_it(cache_home: Path, caplog: pytest.LogCaptureFixture) -> None:
     forward = FakeForward()
     with caplog.at_level(logging.INFO):
-        chosen = calibration.choose("m@64", forward, (3, 8, 8), torch.device("cpu"), workers=1, images=500)
+        chosen = calibration.choose("m@64", forward, (3, 8, 8), torch.device("cpu"), workers=1, images=500, how=HOW)
     assert (chosen.batch_size, chosen.threads) == (16, 2)
     assert {b for b, t in forward.calls if t == 2} == {1, 4, 16, 64}  # swept, past the peak
     assert {b for b, t in forward.calls if t == 1} == {16}  # the other thread count at the best batch only
@@ -56,20 +59,25 @@ def test_chooses_the_fastest_and_keeps_it(cache_home: Path, caplog: pytest.LogCa
     assert "m@64" in key and "3x8x8" in key and stored[key]["batch_size"] == 16
     # Kept per machine and model: the next run measures nothing.
     again = FakeForward()
-    assert calibration.choose("m@64", again, (3, 8, 8), torch.device("cpu"), workers=1, images=500) == chosen
+    assert calibration.choose("m@64", again, (3, 8, 8), torch.device("cpu"), workers=1, images=500, how=HOW) == chosen
     assert again.calls == []
     # Another model (or input size) is measured afresh.
     other = FakeForward()
-    calibration.choose("m@96", other, (3, 8, 8), torch.device("cpu"), workers=1, images=500)
+    calibration.choose("m@96", other, (3, 8, 8), torch.device("cpu"), workers=1, images=500, how=HOW)
     assert other.calls
+    # So is the same model run another way (bfloat16 instead of float32, say).
+    other_way = FakeForward()
+    calibration.choose("m@64", other_way, (3, 8, 8), torch.device("cpu"), workers=1, images=500,
+                       how="channels-last, bfloat16")
+    assert other_way.calls
 
 
 def test_small_data_and_gpu(cache_home: Path) -> None:
     forward = FakeForward()
-    chosen = calibration.choose("m@64", forward, (3, 8, 8), torch.device("cpu"), workers=0, images=10)
+    chosen = calibration.choose("m@64", forward, (3, 8, 8), torch.device("cpu"), workers=0, images=10, how=HOW)
     assert chosen.batch_size in (1, 4) and max(b for b, _ in forward.calls) <= 10  # never a batch beyond the data
     gpu = FakeForward()
-    assert calibration.choose("m@64", gpu, (3, 8, 8), torch.device("cuda"), workers=4, images=1000) == \
+    assert calibration.choose("m@64", gpu, (3, 8, 8), torch.device("cuda"), workers=4, images=1000, how=HOW) == \
         calibration.Setting(64, None)
     assert gpu.calls == []
 
@@ -77,7 +85,7 @@ def test_small_data_and_gpu(cache_home: Path) -> None:
 def test_unwritable_cache_costs_a_warning(cache_home: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache_home.mkdir()
     (cache_home / "backbone-bench").write_text("a file where the folder goes")
-    chosen = calibration.choose("m@64", FakeForward(), (3, 8, 8), torch.device("cpu"), workers=1, images=500)
+    chosen = calibration.choose("m@64", FakeForward(), (3, 8, 8), torch.device("cpu"), workers=1, images=500, how=HOW)
     assert chosen.batch_size == 16
     assert "could not keep the calibration" in caplog.text
 
@@ -103,5 +111,5 @@ def test_no_larger_batch_once_one_batch_takes_long(cache_home: Path, monkeypatch
     (for ResNet-50 @ 224 on 2 cores a batch of 64 alone takes ~10 s)."""
     monkeypatch.setattr(calibration, "LONG_BATCH_SECONDS", 0.01)  # batch 4 of FakeForward takes 8 ms, 16 takes 16
     forward = FakeForward()
-    chosen = calibration.choose("slow@224", forward, (3, 8, 8), torch.device("cpu"), workers=1, images=500)
+    chosen = calibration.choose("slow@224", forward, (3, 8, 8), torch.device("cpu"), workers=1, images=500, how=HOW)
     assert {b for b, _ in forward.calls} == {1, 4, 16} and chosen.batch_size == 16

@@ -62,7 +62,7 @@ def test_cache_format_and_values(image_folder: Path, extract_kwargs: dict) -> No
 def test_channels_last_forward_stores_the_same_pooled_features_and_maps_as_a_plain_forward(
         image_folder: Path, extract_kwargs: dict) -> None:
     """On a CPU the extractor runs convolutions channels-last (faster); what it stores is the model's plain NCHW
-    output all the same: pooled features, and feature maps in (C, H, W) order."""
+    output all the same: pooled features, and feature maps in (C, H, W) order. (In float32, to compare exactly.)"""
     from extract.extractor import _Forward
 
     torch.manual_seed(RANDOM_INIT_SEED)
@@ -71,21 +71,52 @@ def test_channels_last_forward_stores_the_same_pooled_features_and_maps_as_a_pla
     with torch.no_grad():
         fmap = model.forward_features(x)
         pooled = model.forward_head(fmap, pre_logits=True)
-    forward = _Forward(model, torch.device("cpu"), store_maps=True, batch_size=2)  # two micro-batches
+    forward = _Forward(model, torch.device("cpu"), store_maps=True, batch_size=2, amp=False)  # two micro-batches
     got_pooled, got_maps = forward(x)
     assert forward.channels_last and model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
     np.testing.assert_allclose(got_pooled, pooled.numpy(), rtol=1e-4, atol=1e-5)
     assert got_maps.shape == tuple(fmap.shape)
     np.testing.assert_allclose(got_maps.astype(np.float32), fmap.half().float().numpy(), rtol=1e-2, atol=1e-2)
     # and through the whole command into the cache, against timm's eval transform and a plain forward
-    (result,) = extract_features(ExtractSettings(data=str(image_folder), **{**extract_kwargs, "store_maps": True}))
+    (result,) = extract_features(ExtractSettings(data=str(image_folder),
+                                                 **{**extract_kwargs, "store_maps": True, "amp": False}))
     with h5py.File(result.path, "r") as f:
         cfg = json.loads(f.attrs["data_config"])
         ids, stored = f["ids"].asstr()[:4], f["maps"][:4].astype(np.float32)
+        assert json.loads(f.attrs["meta"])["precision"] == "float32"
     tf = timm.data.create_transform(**cfg, is_training=False)
     with torch.no_grad():
         want = model.forward_features(torch.stack([tf(load_rgb(image_folder / i)) for i in ids])).contiguous()
     np.testing.assert_allclose(stored, want.half().float().numpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_mixed_precision_forward_is_bfloat16_close_to_float32_and_recorded(
+        image_folder: Path, extract_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --amp, where the CPU multiplies bfloat16 natively (made so here, so that any CPU runs this test), the
+    forward runs in it: features within bfloat16's rounding of float32's, the cache's meta says which. Without
+    --amp a CPU extracts in float32, as stage two and profiling run the model."""
+    import runtime.device
+    from extract.extractor import _Forward
+
+    monkeypatch.setattr(runtime.device, "native_bfloat16", lambda device: True)
+    torch.manual_seed(RANDOM_INIT_SEED)
+    model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=0).eval()
+    x = torch.randn(6, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    low = _Forward(model, torch.device("cpu"), store_maps=False, batch_size=4, amp=True)
+    full = _Forward(model, torch.device("cpu"), store_maps=False, batch_size=4)  # the default on a CPU
+    assert (low.precision, low.how) == ("bfloat16", "channels-last, bfloat16") and full.precision == "float32"
+    got, exact = torch.as_tensor(low(x)[0]), torch.as_tensor(full(x)[0])
+    assert got.dtype == torch.float32 and not torch.equal(got, exact)  # really rounded, and stored as float
+    torch.testing.assert_close(exact, want, rtol=1e-4, atol=1e-5)
+    assert float((got - want).norm() / want.norm()) < 0.03
+    assert float(torch.nn.functional.cosine_similarity(got, want).min()) > 0.999
+    for amp, precision in ((True, "bfloat16"), (None, "float32"), (False, "float32")):
+        (result,) = extract_features(ExtractSettings(data=str(image_folder), **{**extract_kwargs, "amp": amp,
+                                                                                "force": True}))
+        with h5py.File(result.path, "r") as f:
+            assert json.loads(f.attrs["meta"])["precision"] == precision
 
 
 def test_reader_api(image_folder: Path, extract_kwargs: dict) -> None:
