@@ -85,9 +85,12 @@ def linear_probe_head(data: FinetuneData, metric: str, seed: int) -> tuple[nn.Mo
     the probe chose a head without weights (kNN)."""
     grid = load_grid()
     config = grid.default if grid.default.type == "linear" else HeadConfig(type="linear")
+    # float32 whatever the grid file's precision: bfloat16 would save nothing on one head, and the fine-tune's
+    # start — to which its result is sensitive — would depend on whether the CPU has bfloat16.
+    options = grid.train.model_copy(update={"precision": "float32"})
     (trained,) = train_grid([config], Examples(data.train_features, data.train_labels),
                             Examples(data.val_features, data.val_labels), len(data.classes),
-                            Fit(metric=metric, options=grid.train, seed=seed))
+                            Fit(metric=metric, options=options, seed=seed))
     return trained.head, config
 
 

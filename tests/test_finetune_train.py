@@ -500,3 +500,29 @@ def test_patience_counts_only_in_the_last_stage(target_and_data, tmp_path: Path,
     rows = _history(tmp_path / "t")
     # epoch 0 head only, 1-2 last block (not counted), 3 whole model: one bad epoch there = patience 1
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+
+
+def test_the_start_head_after_a_knn_probe_trains_in_float32_on_any_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the probe chose kNN, stage two starts from the probe's default linear head trained on the cache — in
+    float32 even where the grid's products default to bfloat16, so the start does not depend on the CPU."""
+    from types import SimpleNamespace
+
+    import probe.train
+    from configs.probe import load_grid
+    from finetune.model import linear_probe_head
+    from probe.train import Examples, Fit, train_grid
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(120, 16)).astype(np.float32), rng.integers(0, 3, 120)
+    x[np.arange(120), y] += 2
+    data = SimpleNamespace(train_features=x[:80], train_labels=y[:80], val_features=x[80:], val_labels=y[80:],
+                           classes=["a", "b", "c"])
+    monkeypatch.setattr(probe.train, "native_bfloat16", lambda device: True)  # auto would be bfloat16
+    head, config = linear_probe_head(data, "macro_f1", seed=3)
+    grid = load_grid()
+    (want,) = train_grid([config], Examples(x[:80], y[:80]), Examples(x[80:], y[80:]), 3,
+                         Fit(options=grid.train.model_copy(update={"precision": "float32"}), seed=3))
+    (low,) = train_grid([config], Examples(x[:80], y[:80]), Examples(x[80:], y[80:]), 3,
+                        Fit(options=grid.train, seed=3))
+    assert torch.equal(head.fc.weight, want.head.fc.weight) and torch.equal(head.fc.bias, want.head.fc.bias)
+    assert not torch.equal(low.head.fc.weight, want.head.fc.weight)  # bfloat16 would have trained another head
