@@ -36,6 +36,9 @@ def main() -> int:
         "extract: bad --data": [py, "-m", "extract", "--data", str(tmp / "missing"), "--workdir", str(tmp / "w"),
                                 "--no-pretrained", "--backbones", "tiny"],
         "finetune: mistyped flag": [py, "-m", "finetune", "--optimzer", "random"],
+        **{f"{c}: missing workdir": [py, "-m", c, "--workdir", str(tmp / "missing")]
+           for c in ("probe", "profiling", "finetune")},
+        "probe: bad grid file": [py, "-m", "probe", "--workdir", str(tmp / "missing"), "--grid-file", str(bad)],
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeats):

@@ -6,14 +6,16 @@ from cache.reader import (
     CacheError,
     FeatureCache,
     check_same_dataset,
+    complete_caches,
     dataset_record,
     list_caches,
     open_cache,
     read_key,
+    select_caches,
 )
 from cache.schema import cache_path, key_hash, make_key, partial_path
 
 __all__ = [
-    "CacheEntry", "CacheError", "CachedFeatures", "FeatureCache", "cache_path", "check_same_dataset", "dataset_record",
-    "key_hash", "list_caches", "make_key", "open_cache", "partial_path", "read_key",
+    "CacheEntry", "CacheError", "CachedFeatures", "FeatureCache", "cache_path", "check_same_dataset", "complete_caches",
+    "dataset_record", "key_hash", "list_caches", "make_key", "open_cache", "partial_path", "read_key", "select_caches",
 ]

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -246,3 +247,38 @@ def check_same_dataset(workdir: str | Path, paths: list[Path]) -> None:
         raise CacheError("caches that do not belong to this workdir's dataset: " + "; ".join(problems) +
                          f". Run `python -m extract` with this workdir's --data, --seed and --fold (it rebuilds or "
                          f"relabels them), or move these files out of {Path(workdir) / 'features'}")
+
+
+def select_caches(workdir: str | Path, backbones: list[str] | None) -> list[Path]:
+    """Complete caches of ``workdir`` matching ``backbones`` (names or patterns); clear errors otherwise."""
+    entries = list_caches(workdir)
+    if not entries:
+        raise CacheError(f"no feature caches in {Path(workdir) / 'features'}. "
+                         f"Run `python -m extract --data PATH|demo --workdir {workdir}` first.")
+    if backbones:
+        chosen = [e for e in entries if any(fnmatch.fnmatch(e.backbone, b) or e.backbone == b or
+                                            fnmatch.fnmatch(f"{e.backbone}@{e.image_size}", b) for b in backbones)]
+        if not chosen:
+            names = sorted({e.backbone for e in entries})
+            raise CacheError(f"--backbones {','.join(backbones)} matches no cache in {workdir}; cached: {', '.join(names)}. "
+                             "Run `python -m extract` for the backbones you want.")
+    else:
+        chosen = entries
+    foreign = [f"{e.path.name} ({e.problem})" for e in chosen if e.problem]
+    if foreign:
+        raise CacheError(f"not feature caches: {'; '.join(foreign)}. Move them out of {Path(workdir) / 'features'}; "
+                         "`python -m extract` writes the caches there")
+    incomplete = [e.path.name for e in chosen if not e.complete]
+    if incomplete:
+        raise CacheError(f"incomplete cache(s) {', '.join(incomplete)} (an extraction was interrupted). "
+                         f"Run `python -m extract` again with the same options to finish them, or leave them out with --backbones.")
+    paths = [e.path for e in chosen]
+    check_same_dataset(workdir, paths)
+    return paths
+
+
+def complete_caches(workdir: str | Path) -> list[Path]:
+    """The complete caches of ``workdir`` (interrupted ones left out), checked to be of its dataset."""
+    paths = [e.path for e in list_caches(workdir) if e.complete]
+    check_same_dataset(workdir, paths)
+    return paths

@@ -10,6 +10,7 @@ from configs.finetune import FinetuneSettings, load_tuning
 from configs.flags import build_parser as settings_parser
 from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
+from probe.results import stage_one_results
 from report.html import write_report
 from report.tracking import track
 from runtime.console import setup_logging
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = resolve(FinetuneSettings, "finetune", args.config, given(args))
         settings.apply_environment()
         tuning = load_tuning(settings.space, settings.overlay())
+        stage_one_results(settings.workdir)  # a workdir without them is answered before anything heavy loads
         from finetune.pipeline import run_finetune  # torch, timm and Nevergrad load only once there is work to do
 
         result = run_finetune(settings, tuning)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cache import CacheError, check_same_dataset
+from cache import check_same_dataset
 from configs.finetune import FinetuneSettings, TuningConfig
 from configs.settings import ConfigError
 from finetune.data import FinetuneData, load_data
@@ -26,6 +26,7 @@ from finetune.search import Study, TrialRecord
 from finetune.trainer import TrialSetup, run_trial
 from probe.classifier import load_classifier
 from probe.metrics import METRICS
+from probe.results import stage_one_results
 from profiling.export import ExportError
 from runtime.console import Phases, format_table, progress
 from runtime.device import pick_device
@@ -46,11 +47,7 @@ class FinetuneOutputs:
 def select_targets(workdir: Path, *, top: int, backbones: list[str] | None, metric: str | None
                    ) -> tuple[list[Target], str]:
     """The ``top`` backbones of the probe leaderboard by validation ``metric`` (or those named)."""
-    path = Path(workdir) / "probe" / "results.json"
-    if not path.is_file():
-        raise CacheError(f"{path}: no probe results. Run `python -m probe --grid --workdir {workdir}` first: "
-                         "stage two starts from the heads stage one chose.")
-    data = json.loads(path.read_text())
+    data = stage_one_results(workdir)
     metric = metric or data["metric"]
     entries = [e for e in data["leaderboard"] if e.get("val", {}).get(metric) is not None]
     higher = METRICS[metric]

@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 
+from cache import select_caches
 from configs.flags import build_parser as settings_parser
 from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
-from configs.probe import ProbeSettings
+from configs.probe import ProbeSettings, load_grid
+from probe.results import read_results
 from report.html import write_report
 from report.tracking import track
 from runtime.console import setup_logging
@@ -31,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve(ProbeSettings, "probe", args.config, given(args))
         settings.apply_environment()
+        # What the run reads is checked before torch and scikit-learn load (seconds): a workdir without caches,
+        # a bad grid file or no results to re-render is a one-line answer at once.
+        if settings.report_only:
+            read_results(settings.workdir, f"Run `python -m probe --workdir {settings.workdir}` first.")
+        else:
+            load_grid(settings.grid_file)
+            select_caches(settings.workdir, list(settings.backbones))
         from probe.pipeline import refresh_leaderboard, run_probe  # torch and scikit-learn load only for work
 
         if settings.report_only:

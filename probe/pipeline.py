@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import shutil
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from cache import CacheError, check_same_dataset, list_caches, open_cache
+from cache import open_cache, select_caches
 from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
 from probe.baseline import logreg_baseline
 from probe.head_onnx import write_head_onnx
@@ -23,6 +22,7 @@ from probe.heads import head_checkpoint
 from probe.leaderboard import leaderboard_rows, mark_ties, read_profiling
 from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k, metrics_of_heads
 from probe.plots import plot_confusion, plot_confusion_grid
+from probe.results import read_results
 from probe.train import Examples, Fit, TrainedHead, predict_proba, products_dtype, train_grid
 from probe.transferability import knn_loo_accuracy, logme
 from runtime.console import Phases, format_table, progress
@@ -40,34 +40,6 @@ class ProbeOutputs:
     entries: list[dict[str, Any]]  # one per backbone x size, ranked
     leaderboard: str
     folder: Path
-
-
-def select_caches(workdir: Path, backbones: list[str] | None) -> list[Path]:
-    """Complete caches of ``workdir`` matching ``backbones`` (names or patterns); clear errors otherwise."""
-    entries = list_caches(workdir)
-    if not entries:
-        raise CacheError(f"no feature caches in {Path(workdir) / 'features'}. "
-                         f"Run `python -m extract --data PATH|demo --workdir {workdir}` first.")
-    if backbones:
-        chosen = [e for e in entries if any(fnmatch.fnmatch(e.backbone, b) or e.backbone == b or
-                                            fnmatch.fnmatch(f"{e.backbone}@{e.image_size}", b) for b in backbones)]
-        if not chosen:
-            names = sorted({e.backbone for e in entries})
-            raise CacheError(f"--backbones {','.join(backbones)} matches no cache in {workdir}; cached: {', '.join(names)}. "
-                             "Run `python -m extract` for the backbones you want.")
-    else:
-        chosen = entries
-    foreign = [f"{e.path.name} ({e.problem})" for e in chosen if e.problem]
-    if foreign:
-        raise CacheError(f"not feature caches: {'; '.join(foreign)}. Move them out of {Path(workdir) / 'features'}; "
-                         "`python -m extract` writes the caches there")
-    incomplete = [e.path.name for e in chosen if not e.complete]
-    if incomplete:
-        raise CacheError(f"incomplete cache(s) {', '.join(incomplete)} (an extraction was interrupted). "
-                         f"Run `python -m extract` again with the same options to finish them, or leave them out with --backbones.")
-    paths = [e.path for e in chosen]
-    check_same_dataset(workdir, paths)
-    return paths
 
 
 def _better(metric: str, a: float, b: float) -> bool:
@@ -264,10 +236,7 @@ def render_leaderboard(workdir: Path, ranked: list[dict[str, Any]], *, metric: s
 
 def refresh_leaderboard(workdir: Path) -> ProbeOutputs:
     """Re-render the leaderboard from ``probe/results.json`` (e.g. after profiling), training nothing."""
-    path = Path(workdir) / "probe" / "results.json"
-    if not path.is_file():
-        raise CacheError(f"{path}: no probe results yet; run `python -m probe --workdir {workdir}` first")
-    data = json.loads(path.read_text())
+    data = read_results(workdir, f"Run `python -m probe --workdir {workdir}` first.")
     ranked = data["leaderboard"]
     for e in ranked:  # JSON turned the CI tuples into lists and NaN into null
         e["test_ci"] = {k: tuple(float("nan") if v is None else v for v in ci) for k, ci in e["test_ci"].items()}
@@ -304,8 +273,8 @@ def run_probe(settings: ProbeSettings) -> ProbeOutputs:
     """Train heads on every selected cache, choose on validation, test once, write ``probe/``."""
     s = settings
     workdir, metric, grid = s.workdir, s.selection_metric, s.grid
-    paths = select_caches(workdir, list(s.backbones))
     head_grid = load_grid(s.grid_file)
+    paths = select_caches(workdir, list(s.backbones))
     dev = pick_device(s.device)
     published = workdir / "probe"
     n_heads = len(head_grid.heads) if grid else 1

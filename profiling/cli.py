@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from cache import complete_caches
 from configs.flags import build_parser as settings_parser
 from configs.flags import given, verbosity
 from configs.layers import resolve, write_resolved
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve(ProfilingSettings, "profiling", args.config, given(args))
         settings.apply_environment()
+        if not settings.backbones:  # the workdir's caches are what it profiles: checked before anything heavy loads
+            complete_caches(settings.workdir)
         from profiling.pipeline import run_profiling  # torch, timm and ONNX load only once there is work to do
 
         result = run_profiling(settings)

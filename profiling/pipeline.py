@@ -20,7 +20,7 @@ import timm.data
 import torch
 from PIL import Image
 
-from cache import CacheError, check_same_dataset, dataset_record, list_caches, open_cache
+from cache import CacheError, complete_caches, dataset_record, open_cache
 from cache.schema import safe_name
 from configs.profiling import ProfilingSettings
 from extract.backbones import load_sets, resolve_backbones
@@ -42,10 +42,8 @@ log = logging.getLogger(__name__)
 def targets_from_caches(workdir: Path) -> list[Unit]:
     """What `extract` cached in ``workdir``: the same model, weights and preprocessing."""
     out = []
-    entries = [e for e in list_caches(workdir) if e.complete]
-    check_same_dataset(workdir, [e.path for e in entries])
-    for entry in entries:
-        with open_cache(entry.path) as fc:
+    for path in complete_caches(workdir):
+        with open_cache(path) as fc:
             spec, weights, size_kwargs = backbone_from_record(
                 model=fc.model, name=fc.backbone, model_kwargs=fc.key.get("model_kwargs"), weights_tag=fc.weights,
                 weights_location=fc.meta.get("weights_location"))

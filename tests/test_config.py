@@ -267,3 +267,28 @@ def test_imports_flow_one_way() -> None:
                     if top in PACKAGES and top != package and top not in allowed[package]:
                         wrong.append(f"{path.relative_to(ROOT)} imports {node.module}")
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize(("command", "args", "message"), [
+    ("probe", [], "no feature caches in"),
+    ("probe", ["--report-only"], "no probe results yet. Run `python -m probe"),
+    ("probe", ["--grid-file", "{bad_grid}"], "heads.linear.lr[0]"),
+    ("profiling", [], "dataset.json: missing"),
+    ("finetune", [], "no probe results yet. Run `python -m probe --grid"),
+])
+def test_a_missing_workdir_or_bad_grid_file_is_answered_before_torch_loads(
+        tmp_path: Path, command: str, args: list[str], message: str) -> None:
+    """Issue #12: such answers come at once (torch, timm, scikit-learn take seconds to import), with exit code 2."""
+    import json
+    import subprocess
+    import sys
+
+    bad_grid = tmp_path / "grid.yaml"
+    bad_grid.write_text("heads:\n  linear: {lr: [x]}\n")
+    argv = ["--workdir", str(tmp_path / "missing"), *[a.format(bad_grid=bad_grid) for a in args]]
+    code = (f"import sys, json; from {command}.cli import main; rc = main({json.dumps(argv)}); "
+            "print(json.dumps([rc, sorted(m for m in ('torch', 'timm', 'sklearn') if m in sys.modules)]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    rc, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (rc, heavy) == (2, []), done.stderr
+    assert message in done.stderr
