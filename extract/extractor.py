@@ -125,7 +125,7 @@ class _Forward:
         # AVX512-BF16): its features differ by ~1% from the float32 forward that stage two and profiling run, and
         # a head chosen on the cache must give the same logits on the model (README, Extraction).
         self.amp = device.type == "cuda" if amp is None else amp
-        dtype = amp_dtype(device, amp)
+        dtype = amp_dtype(device, self.amp)
         self.precision = str(dtype or torch.float32).removeprefix("torch.")
         # How the forward pass runs: a calibration measured another way is not reused.
         self.how = f"{'channels-last' if self.channels_last else 'contiguous'}, {self.precision}"

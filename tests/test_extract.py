@@ -112,6 +112,10 @@ def test_mixed_precision_forward_is_bfloat16_close_to_float32_and_recorded(
     torch.testing.assert_close(exact, want, rtol=1e-4, atol=1e-5)
     assert float((got - want).norm() / want.norm()) < 0.03
     assert float(torch.nn.functional.cosine_similarity(got, want).min()) > 0.999
+    # On CUDA it is on unless --no-amp says otherwise (bfloat16 where the GPU has it); nothing runs on one here.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert _Forward(model, torch.device("cuda"), store_maps=False, batch_size=4).precision == "bfloat16"
+    assert _Forward(model, torch.device("cuda"), store_maps=False, batch_size=4, amp=False).precision == "float32"
     for amp, precision in ((True, "bfloat16"), (None, "float32"), (False, "float32")):
         (result,) = extract_features(ExtractSettings(data=str(image_folder), **{**extract_kwargs, "amp": amp,
                                                                                 "force": True}))
