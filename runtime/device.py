@@ -53,8 +53,9 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices in hardware, so they cost about half of float32's: a CPU with
     AVX512-BF16 or AMX (oneDNN's kernels), a CUDA device with bfloat16 tensor cores."""
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if device.type == "cpu":  # torch's own CPU-feature probes (private: a release without them means "no")
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return False
