@@ -1,5 +1,4 @@
-import sys
-
 from probe.cli import main
+from runtime.exit import exit_with
 
-sys.exit(main())
+exit_with(main())
