@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import json
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,10 +282,6 @@ def test_imports_flow_one_way() -> None:
 def test_a_missing_workdir_or_bad_grid_file_is_answered_before_torch_loads(
         tmp_path: Path, command: str, args: list[str], message: str) -> None:
     """Issue #12: such answers come at once (torch, timm, scikit-learn take seconds to import), with exit code 2."""
-    import json
-    import subprocess
-    import sys
-
     bad_grid = tmp_path / "grid.yaml"
     bad_grid.write_text("heads:\n  linear: {lr: [x]}\n")
     argv = ["--workdir", str(tmp_path / "missing"), *[a.format(bad_grid=bad_grid) for a in args]]
