@@ -222,11 +222,14 @@ def render_leaderboard(workdir: Path, ranked: list[dict[str, Any]], *, metric: s
     """``leaderboard.md`` in ``folder`` (``WORKDIR/probe``): the ranked entries, with latency and FLOPs where
     ``profiling/`` has them."""
     table = format_table(leaderboard_rows(ranked, metric, read_profiling(workdir)))
+    # which products trained the heads: bfloat16 ones choose within seed-level noise of float32's (README)
+    products = sorted({e["grid_precision"] for e in ranked if e.get("grid_precision")})
+    trained = f", trained with {' and '.join(products)} products" if products else ""
     header = (f"# Probe leaderboard\n\nSorted by validation {metric} (the selection metric); test metrics with 95% "
               f"bootstrap CIs ({n_boot} resamples of the test images). '≈ best': the test CI overlaps the top one's. "
               "'val−test': how much the validation metric the selection saw exceeds test (its optimism). "
               "LogME and kNN LOO acc: training-free scores of the features (train + val), higher is better.\n"
-              f"Seed {seed}; {n_heads} head(s) per backbone{'; ordinal labels' if ordinal else ''}.\n")
+              f"Seed {seed}; {n_heads} head(s) per backbone{trained}{'; ordinal labels' if ordinal else ''}.\n")
     if any(e["weights"] == "random" for e in ranked):
         header += "\n**Some backbones use RANDOM weights (--no-pretrained): their numbers say nothing about pretrained quality.**\n"
     leaderboard = header + "\n" + table + "\n"

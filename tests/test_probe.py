@@ -486,6 +486,7 @@ def test_probe_outputs_and_reload(workdir: Path, grid_file: Path, tmp_path: Path
     assert by_type["knn"]["cfg_lr"] == by_type["knn"]["cfg_epochs"] == "" and by_type["knn"]["cfg_k"] in ("1", "10")
     board = (out / "leaderboard.md").read_text()
     assert "| 1    |" in board and "logreg" in board
+    assert f"head(s) per backbone, trained with {results['leaderboard'][0]['grid_precision']} products" in board
     for entry in results["leaderboard"]:  # the baseline's test metric has its interval, as the chosen head's has
         low, high = entry["logreg"]["test_ci"]["macro_f1"]
         assert low <= entry["logreg"]["test"]["macro_f1"] <= high and f"[{low:.3f}, {high:.3f}]" in board
