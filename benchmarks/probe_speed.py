@@ -143,6 +143,7 @@ def part_10k() -> None:
     from probe.baseline import DEFAULT_CS, logreg_baseline
     from probe.metrics import bootstrap_ci
     from probe.train import Fit, products_dtype, train_grid
+    from runtime.device import dtype_name
 
     print(f"== 1. the whole probe command on {N:,} x {D:,} float16 features, {C} classes "
           f"({torch.get_num_threads()} torch threads) ==")
@@ -159,7 +160,7 @@ def part_10k() -> None:
     print(f"\n== 2. its parts, on the same {len(tr.labels):,} train / {len(va.labels):,} val features ==")
     grid = load_grid()
     linear = [h for h in grid.heads if h.type == "linear"]
-    precision = str(products_dtype(grid.train, torch.device("cpu"))).removeprefix("torch.")
+    precision = dtype_name(products_dtype(grid.train, torch.device("cpu")))
     t0 = time.perf_counter()
     train_grid(linear, tr, va, C, Fit(options=grid.train))
     lin_s = time.perf_counter() - t0

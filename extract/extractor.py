@@ -32,7 +32,7 @@ from extract.backbones import BackboneSpec
 from extract.dataset import Dataset, decode_workers
 from extract.models import Weights, library_versions
 from runtime.console import progress
-from runtime.device import amp_dtype, autocast, empty_cache, is_out_of_memory, uses_channels_last
+from runtime.device import amp_dtype, autocast, dtype_name, empty_cache, is_out_of_memory, uses_channels_last
 from runtime.images import load_rgb
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class _Forward:
         # a head chosen on the cache must give the same logits on the model (README, Extraction).
         self.amp = device.type == "cuda" if amp is None else amp
         dtype = amp_dtype(device, self.amp)
-        self.precision = str(dtype or torch.float32).removeprefix("torch.")
+        self.precision = dtype_name(dtype or torch.float32)
         # How the forward pass runs: a calibration measured another way is not reused.
         self.how = f"{'channels-last' if self.channels_last else 'contiguous'}, {self.precision}"
 

@@ -26,7 +26,7 @@ from probe.results import read_results
 from probe.train import Examples, Fit, TrainedHead, predict_proba, products_dtype, train_grid
 from probe.transferability import knn_loo_accuracy, logme
 from runtime.console import Phases, format_table, progress
-from runtime.device import pick_device
+from runtime.device import dtype_name, pick_device
 from runtime.files import atomic_write_text, new_version, publish, save_torch, write_csv
 from runtime.locks import exclusive
 
@@ -125,7 +125,7 @@ def probe_cache(path: Path, grid: Grid, settings: ProbeSettings, device: torch.d
 
     with phase("LogME and kNN"):
         transfer = transfer_scores(known.features, known.labels, name)
-    precision = str(products_dtype(grid.train, device)).removeprefix("torch.")
+    precision = dtype_name(products_dtype(grid.train, device))
     log.info("%s: training %d head(s) on %d x %d features (%s products)", name, len(configs),
              *train.features.shape, precision)
     with phase("grid", f"{len(configs)} heads"):

@@ -61,6 +61,11 @@ def native_bfloat16(device: torch.device) -> bool:
     return False
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: how results, logs and cache metadata name a precision."""
+    return str(dtype).removeprefix("torch.")
+
+
 def uses_channels_last(device: torch.device) -> bool:
     """Whether images go through convolutions channels-last on ``device``: on CUDA and on CPUs, where it was
     faster for every convolutional backbone measured and no slower for the others; not on MPS (unmeasured)."""

@@ -37,7 +37,7 @@ from probe.metrics import (
 )
 from probe.pipeline import probe_cache, run_probe
 from probe.train import Examples, Fit, HeadStack, products_dtype, train_grid
-from runtime.device import native_bfloat16
+from runtime.device import dtype_name, native_bfloat16
 
 SMALL_GRID = """
 train: {batch_size: 64, warmup_epochs: 1, standardize: true}
@@ -470,7 +470,7 @@ def test_probe_outputs_and_reload(workdir: Path, grid_file: Path, tmp_path: Path
     results = json.loads((out / "results.json").read_text())
     assert len(results["rows"]) == 2 * (11 + 1)  # 11 heads + logreg per backbone
     assert {e["grid_precision"] for e in results["leaderboard"]} == {
-        str(products_dtype(GridTraining(), torch.device("cpu"))).removeprefix("torch.")}
+        dtype_name(products_dtype(GridTraining(), torch.device("cpu")))}
     chosen = [r for r in results["rows"] if r["chosen"]]
     assert len(chosen) == 2 and all("test_macro_f1" in r and "test_macro_f1_ci_low" in r for r in chosen)
     assert all("test_macro_f1" not in r for r in results["rows"] if not r["chosen"] and r["cfg_type"] != "logreg")
