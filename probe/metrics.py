@@ -112,12 +112,24 @@ def confusion_batch(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) ->
     return np.bincount(flat, minlength=r * num_classes * num_classes).reshape(r, num_classes, num_classes)
 
 
+FROM_CONFUSION = ("accuracy", "balanced_accuracy", "macro_f1", "qwk")
+
+
 def fast_metric(name: str, y_true: np.ndarray, proba: np.ndarray, *, top_k: int | None = None) -> float:
     """One metric, computed with numpy; used inside training loops for early stopping."""
-    if name in ("accuracy", "balanced_accuracy", "macro_f1", "qwk"):
-        cm = confusion_batch(y_true, proba.argmax(1), proba.shape[1])[0]
-        return float(_from_confusion(cm)[name])
+    if name in FROM_CONFUSION:
+        return float(fast_metric_of_heads(name, y_true, proba[:, None])[0])
     return float(compute_metrics(y_true, proba, top_k=top_k)[name])
+
+
+def fast_metric_of_heads(name: str, y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """:func:`fast_metric` of every head at once, from probabilities (N, heads, C): (heads,). A grid scores each
+    of its heads on validation every epoch, so its confusion matrices come from one ``bincount``."""
+    if name not in FROM_CONFUSION:
+        return np.array([fast_metric(name, y_true, proba[:, h]) for h in range(proba.shape[1])])
+    pred = proba.argmax(-1).T  # (heads, N)
+    cm = confusion_batch(np.broadcast_to(np.asarray(y_true), pred.shape), pred, proba.shape[-1])
+    return _from_confusion(cm)[name]
 
 
 def draw_counts(idx: np.ndarray, n: int) -> np.ndarray:

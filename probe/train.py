@@ -34,7 +34,7 @@ from torch.optim.adam import adam
 
 from configs.probe import GridTraining, HeadConfig
 from probe.heads import build_head, knn_grid_probabilities
-from probe.metrics import METRICS, fast_metric
+from probe.metrics import METRICS, fast_metric, fast_metric_of_heads
 from runtime.console import progress as progress_bar
 from runtime.device import native_bfloat16
 
@@ -116,8 +116,10 @@ def products_dtype(options: GridTraining, device: torch.device) -> torch.dtype:
     return getattr(torch, options.precision)
 
 
-def lr_factors(step: int, epochs: torch.Tensor, warmup_epochs: int, steps_per_epoch: int) -> torch.Tensor:
-    """Per-head linear warm-up, then cosine decay to 0 at the end of each head's own ``epochs``."""
+def lr_factors(step: int | torch.Tensor, epochs: torch.Tensor, warmup_epochs: int, steps_per_epoch: int
+               ) -> torch.Tensor:
+    """Per-head linear warm-up, then cosine decay to 0 at the end of each head's own ``epochs``; ``step`` a
+    number or a column of them (steps, 1) for the whole schedule at once."""
     total = (epochs * steps_per_epoch).clamp_min(1).double()
     warm = torch.minimum(total - 1, torch.full_like(total, warmup_epochs * steps_per_epoch))
     warmup = (step + 1) / warm.clamp_min(1)
@@ -145,6 +147,8 @@ class HeadStack:
         self.biases = [torch.stack([ls[layer].bias.detach() for ls in linears]).to(device).requires_grad_()
                        for layer in range(len(linears[0]))]
         self.dropout = torch.tensor([configs[i].dropout for i in members], device=device)
+        self.weight_decay = torch.tensor([configs[i].weight_decay for i in members], device=device)
+        self.class_weighted = torch.tensor([configs[i].class_weighted for i in members], device=device)
         self.configs = configs  # the whole grid, indexed by self.members
         self.decoupled = torch.tensor([configs[i].decay == "decoupled" for i in members], device=device)
         self.generators = [torch.Generator().manual_seed(configs[i].seed_for(seed) + 1) for i in members]
@@ -163,7 +167,10 @@ class HeadStack:
         for w, b in zip(self.weights[1:], self.biases[1:]):
             out = F.gelu(out)
             if train and bool((self.dropout > 0).any()):
-                keep = torch.stack([torch.rand(len(x), out.shape[2], generator=g) for g in self.generators], 1)
+                # Only heads with dropout draw a mask (each from its own generator): the others keep everything.
+                ones = torch.ones(len(x), out.shape[2])
+                keep = torch.stack([torch.rand(len(x), out.shape[2], generator=g) if p > 0 else ones
+                                    for g, p in zip(self.generators, self.dropout.tolist())], 1)
                 p = self.dropout.view(1, -1, 1)
                 out = out * (keep.to(out.device) >= p) / (1 - p)
             out = torch.einsum("bhi,iho->bho", out, w) + b
@@ -219,6 +226,8 @@ class HeadStack:
         self.members = [self.members[i] for i in positions]
         self.index = self.index[idx]
         self.dropout = self.dropout[idx]
+        self.weight_decay = self.weight_decay[idx]
+        self.class_weighted = self.class_weighted[idx]
         self.decoupled = self.decoupled[idx]
         self.generators = [self.generators[i] for i in positions]
 
@@ -289,10 +298,8 @@ def train_grid(
         # Small datasets get smaller batches: at least ~16 optimiser steps per epoch.
         bs = min(options.batch_size, max(32, n // 16), n)
         steps = math.ceil(n / bs)
-        lr0 = torch.tensor([c.lr for c in configs], device=device)
-        wd = torch.tensor([c.weight_decay for c in configs], device=device)
-        epochs_of = torch.tensor([c.epochs for c in configs])
-        weighted = torch.tensor([c.class_weighted for c in configs], device=device)
+        max_epochs = max(configs[i].epochs for i in trainable)
+        lr0, epochs_of = torch.tensor([c.lr for c in configs]), torch.tensor([c.epochs for c in configs])
 
         best = {i: (-math.inf if higher else math.inf) for i in trainable}
         recent: dict[int, list[float]] = {i: [] for i in trainable}
@@ -300,31 +307,30 @@ def train_grid(
         best_epoch = {i: 0 for i in trainable}
         waited = {i: 0 for i in trainable}
         history: dict[int, list[dict[str, Any]]] = {i: [] for i in trainable}
-        max_epochs = max(configs[i].epochs for i in trainable)
-        step = 0
         bar = progress_bar(total=max_epochs, desc=desc, unit="epoch", leave=False, enabled=progress)
         for epoch in range(1, max_epochs + 1):
             t0 = time.perf_counter()
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
             loss_sum = {id(f): torch.zeros(len(f.members), device=device) for f in families}
-            lr_at: dict[int, float] = {}
-            for start in range(0, n, bs):
+            lr_at: dict[int, torch.Tensor] = {}
+            # This epoch's learning rate of every head at every step (steps, heads): one computation, not one per step.
+            epoch_lr = (lr0 * lr_factors(torch.arange((epoch - 1) * steps, epoch * steps)[:, None], epochs_of,
+                                         options.warmup_epochs, steps)).to(device)
+            for k, start in enumerate(range(0, n, bs)):
                 idx = order[start:start + bs]
                 xb, yb = xs_train[idx], yt[idx]
-                step += 1
                 for fam in families:
-                    m = fam.index
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
                         logits = fam.logits(xb, train=True)  # (B, H, C)
                     # Log-softmax over classes on a (B, C, H) view: on a CPU ~4x faster than over the last axis
                     # of (B, H, C), where a handful of classes is too short a row to vectorise.
                     logp = logits.float().transpose(1, 2).log_softmax(1)
                     nll = -logp.gather(1, yb[:, None, None].expand(-1, 1, len(fam.members))).squeeze(1)
-                    w = torch.where(weighted[m][None, :], cw[yb][:, None], torch.ones_like(nll))
+                    w = torch.where(fam.class_weighted[None, :], cw[yb][:, None], torch.ones_like(nll))
                     per_head = (w * nll).sum(0) / w.sum(0)
                     per_head.sum().backward()
-                    lr = lr0[m] * lr_factors(step - 1, epochs_of[m.cpu()], options.warmup_epochs, steps).to(device)
-                    fam.optimizer_step(lr, wd[m])
+                    lr = epoch_lr[k, fam.index]
+                    fam.optimizer_step(lr, fam.weight_decay)
                     loss_sum[id(fam)] += per_head.detach() * len(idx)
                     lr_at[id(fam)] = lr
             still_by_family = []
@@ -335,11 +341,13 @@ def train_grid(
                     val_loss = F.cross_entropy(val_logits.transpose(1, 2), yv[:, None].expand(-1, len(fam.members)),
                                                reduction="none").mean(0).cpu()
                 keep = []
+                scores = fast_metric_of_heads(metric, y_val, val_proba).tolist()
+                train_losses, val_losses = (loss_sum[id(fam)] / n).tolist(), val_loss.tolist()
+                lr_last = lr_at[id(fam)].tolist()
                 for j, i in enumerate(fam.members):
-                    score = fast_metric(metric, y_val, val_proba[:, j])
-                    history[i].append({"epoch": epoch, "train_loss": float(loss_sum[id(fam)][j] / n),
-                                       "val_loss": float(val_loss[j]), f"val_{metric}": score, "lr": float(lr_at[id(fam)][j]),
-                                       "seconds": time.perf_counter() - t0})
+                    score = scores[j]
+                    history[i].append({"epoch": epoch, "train_loss": train_losses[j], "val_loss": val_losses[j],
+                                       f"val_{metric}": score, "lr": lr_last[j], "seconds": time.perf_counter() - t0})
                     window = options.smooth_epochs
                     recent[i] = (recent[i] + [score])[-window:]
                     smoothed = float(np.mean(recent[i]))

@@ -78,10 +78,10 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
     f = np.asarray(features, dtype=np.float64)
     y_all = np.asarray(labels)
     s, v, u = spectrum(f)
+    ys = (y_all[:, None] == np.unique(y_all)[None, :]).astype(np.float64)  # one column per class
+    zs = (v.T @ (f.T @ ys)) / np.sqrt(s)[:, None] if u is None else u.T @ ys  # U^T y, U = F V / sqrt(s)
     scores = []
-    for c in np.unique(y_all):
-        y = (y_all == c).astype(np.float64)
-        z = (v.T @ (f.T @ y)) / np.sqrt(s) if u is None else u.T @ y  # U^T y, U = F V / sqrt(s)
+    for y, z in zip(ys.T, zs.T):
         alpha, beta = _maximise(y, z, s)
         scores.append(evidence(y, z, s, f.shape[1], alpha, beta) / len(y))
     return float(np.mean(scores))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import h5py
@@ -33,6 +34,7 @@ from probe.metrics import (
     compute_metrics,
     confusion_batch,
     draw_counts,
+    fast_metric_of_heads,
     metrics_of_heads,
 )
 from probe.pipeline import probe_cache, run_probe
@@ -112,6 +114,25 @@ def test_fast_confusion_metrics_equal_scikit_learn(missing: bool) -> None:
         with pytest.warns(UserWarning) if missing else _nullcontext():
             expected = skm.balanced_accuracy_score(y, pred)
         assert fast["balanced_accuracy"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_fast_metric_of_heads_equals_scikit_learn(name: str) -> None:
+    """The grid's per-epoch validation scores, every head at once from (N, heads, C), are each head's
+    compute_metrics (scikit-learn) value: with a class never predicted, ties in vote shares, and a class absent."""
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 4, 150)
+    y[y == 3] = 2  # class 3 absent from the split
+    soft = torch.randn(150, 5, 4).mul(3).softmax(-1).numpy()
+    soft[:, 0, 1] = 0.0  # one head never predicts class 1
+    soft[:, 0] /= soft[:, 0].sum(-1, keepdims=True)
+    votes = np.stack([np.bincount(rng.integers(0, 4, 5), minlength=4) for _ in range(150)]) / 5.0
+    proba = np.concatenate([soft, votes[:, None]], 1)  # (150, 6 heads, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's about the absent class and float32 sums
+        want = [compute_metrics(y, proba[:, h])[name] for h in range(proba.shape[1])]
+        got = fast_metric_of_heads(name, y, proba)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
 
 
 class _nullcontext:
