@@ -94,7 +94,8 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
 
 def logreg_baseline(train: Labelled, val: Labelled, *, metric: str = "macro_f1", cs: tuple[float, ...] = DEFAULT_CS,
                     max_iter: int = 1000, tol: float = TOL, num_classes: int | None = None) -> LogRegResult:
-    """Fit one model per C on ``train`` (warm-started from strong to weak regularisation); keep the best on ``val``."""
+    """Fit one model per C on ``train`` (from strong to weak regularisation, each C started from the last ones'
+    solutions); keep the best on ``val``."""
     x_train, y_train, x_val, y_val = train.features, train.labels, val.features, val.labels
     higher = METRICS[metric]
     y_train = np.asarray(y_train)

@@ -169,8 +169,8 @@ class HeadStack:
             if train and bool((self.dropout > 0).any()):
                 # Only heads with dropout draw a mask (each from its own generator): the others keep everything.
                 ones = torch.ones(len(x), out.shape[2])
-                keep = torch.stack([torch.rand(len(x), out.shape[2], generator=g) if p > 0 else ones
-                                    for g, p in zip(self.generators, self.dropout.tolist())], 1)
+                keep = torch.stack([torch.rand(len(x), out.shape[2], generator=g) if rate > 0 else ones
+                                    for g, rate in zip(self.generators, self.dropout.tolist())], 1)
                 p = self.dropout.view(1, -1, 1)
                 out = out * (keep.to(out.device) >= p) / (1 - p)
             out = torch.einsum("bhi,iho->bho", out, w) + b

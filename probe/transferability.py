@@ -81,7 +81,7 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
     ys = (y_all[:, None] == np.unique(y_all)[None, :]).astype(np.float64)  # one column per class
     zs = (v.T @ (f.T @ ys)) / np.sqrt(s)[:, None] if u is None else u.T @ ys  # U^T y, U = F V / sqrt(s)
     scores = []
-    for y, z in zip(ys.T, zs.T):
+    for y, z in zip(np.ascontiguousarray(ys.T), zs.T):
         alpha, beta = _maximise(y, z, s)
         scores.append(evidence(y, z, s, f.shape[1], alpha, beta) / len(y))
     return float(np.mean(scores))
