@@ -64,9 +64,11 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
     coef, intercept = torch.zeros(k, d, dtype=x.dtype), torch.zeros(k, dtype=x.dtype)
     coef.grad, intercept.grad = torch.zeros_like(coef), torch.zeros_like(intercept)
 
+    def loss(logp: torch.Tensor, w: torch.Tensor, penalty: float) -> torch.Tensor:
+        return -(logp * onehot).sum() / n + 0.5 * penalty * (w * w).sum()
+
     def objective(w: torch.Tensor, b: torch.Tensor, penalty: float) -> float:
-        logp = torch.addmm(b, x, w.T).log_softmax(1)
-        return float(-(logp * onehot).sum() / n + 0.5 * penalty * (w * w).sum())
+        return float(loss(torch.addmm(b, x, w.T).log_softmax(1), w, penalty))
 
     earlier: list[tuple[torch.Tensor, torch.Tensor]] = []  # the solutions before the last one, newest first
     for c in cs:
@@ -93,7 +95,7 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
             residual = ((logp.exp() - onehot) / n).T.contiguous()  # (K, N)
             coef.grad.copy_((xt @ residual.T).T).add_(coef, alpha=penalty)
             intercept.grad.copy_(residual.sum(1))
-            return -(logp * onehot).sum() / n + 0.5 * penalty * (coef * coef).sum()
+            return loss(logp, coef, penalty)
 
         opt.step(closure)
         yield c, coef.clone(), intercept.clone(), int(opt.state[coef].get("n_iter", 0))

@@ -127,9 +127,12 @@ def fast_metric_of_heads(name: str, y_true: np.ndarray, proba: np.ndarray) -> np
     of its heads on validation every epoch, so its confusion matrices come from one ``bincount``."""
     if name not in FROM_CONFUSION:
         return np.array([fast_metric(name, y_true, proba[:, h]) for h in range(proba.shape[1])])
-    pred = proba.argmax(-1).T  # (heads, N)
-    cm = confusion_batch(np.broadcast_to(np.asarray(y_true), pred.shape), pred, proba.shape[-1])
-    return _from_confusion(cm)[name]
+    return _from_confusion(_head_confusions(y_true, proba.argmax(-1).T, proba.shape[-1]))[name]
+
+
+def _head_confusions(y_true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(heads, C, C) confusion matrices of every head's predictions ``pred`` (heads, N) against one ``y_true``."""
+    return confusion_batch(np.broadcast_to(np.asarray(y_true), pred.shape), pred, num_classes)
 
 
 def draw_counts(idx: np.ndarray, n: int) -> np.ndarray:
@@ -154,7 +157,7 @@ def metrics_of_heads(y_true: np.ndarray, probas: list[np.ndarray], *, top_k: int
     n, c = probas[0].shape
     k = top_k or default_top_k(c)
     ones = np.ones((n, 1), np.float32)
-    confusion = np.stack([confusion_batch(y_true, p.argmax(1), c)[0] for p in probas])
+    confusion = _head_confusions(y_true, np.stack([p.argmax(1) for p in probas]), c)
     table = _from_confusion(confusion)
     every_class = len(np.unique(y_true)) == c  # ROC-AUC is undefined when a class is absent
     out = []

@@ -312,7 +312,6 @@ def train_grid(
             t0 = time.perf_counter()
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
             loss_sum = {id(f): torch.zeros(len(f.members), device=device) for f in families}
-            lr_at: dict[int, torch.Tensor] = {}
             # This epoch's learning rate of every head at every step (steps, heads): one computation, not one per step.
             epoch_lr = (lr0 * lr_factors(torch.arange((epoch - 1) * steps, epoch * steps)[:, None], epochs_of,
                                          options.warmup_epochs, steps)).to(device)
@@ -332,7 +331,6 @@ def train_grid(
                     lr = epoch_lr[k, fam.index]
                     fam.optimizer_step(lr, fam.weight_decay)
                     loss_sum[id(fam)] += per_head.detach() * len(idx)
-                    lr_at[id(fam)] = lr
             still_by_family = []
             for fam in families:
                 with torch.no_grad():
@@ -343,7 +341,7 @@ def train_grid(
                 keep = []
                 scores = fast_metric_of_heads(metric, y_val, val_proba).tolist()
                 train_losses, val_losses = (loss_sum[id(fam)] / n).tolist(), val_loss.tolist()
-                lr_last = lr_at[id(fam)].tolist()
+                lr_last = epoch_lr[-1, fam.index].tolist()  # the epoch's last step (members change only between epochs)
                 for j, i in enumerate(fam.members):
                     score = scores[j]
                     history[i].append({"epoch": epoch, "train_loss": train_losses[j], "val_loss": val_losses[j],
