@@ -15,8 +15,7 @@ Every figure comes from this one run, side by side:
      probe / extraction (goal <= 25%).
   4. ResNet-50 @ 224 px on the demo digits (random weights): extraction, then the whole probe command;
      probe / extraction (goal <= 5%).
-  In 3 and 4 also the baseline's phase against the grid's, with and without the one-off torch._dynamo import
-  that torch's first optimizer object triggers inside it (timed in a fresh process).
+  In 3 and 4 also the baseline's phase against the grid's.
 
 The whole probe command runs ``--repeats`` times (default 3) on the same workdir: this machine is shared and one
 run can be 20% off another. Its figure is the median run, with the range beside it; the phases are the median
@@ -213,17 +212,7 @@ def extract_then_probe(extract_args: list[str], goal: float, repeats: int) -> No
               f"probe / extraction = {wall / ext:.1%}   (goal <= {goal:.0%})")
         print_phases(wall, parts)
         base, grid = parts["logreg baseline"], parts["grid"]
-        imp = dynamo_import_seconds()
-        print(f"   baseline / grid = {base / grid:.2f}   (goal <= 1); without the one-off torch._dynamo import in the "
-              f"baseline's phase ({imp:.1f} s, timed in a fresh process; nothing else in the probe needs it): "
-              f"{(base - imp) / grid:.2f}")
-
-
-def dynamo_import_seconds() -> float:
-    """What the first torch optimizer object costs a fresh process: it imports torch._dynamo."""
-    code = ("import time, torch; t = time.perf_counter(); torch.optim.LBFGS([torch.zeros(1, requires_grad=True)]); "
-            "print(time.perf_counter() - t)")
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+        print(f"   baseline / grid = {base / grid:.2f}   (goal <= 1)")
 
 
 def main() -> int:

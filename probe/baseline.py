@@ -31,6 +31,16 @@ from probe.train import Labelled
 DEFAULT_CS = tuple(np.logspace(-4, 4, 17))
 
 
+class _LBFGS(torch.optim.LBFGS):
+    """torch's L-BFGS without the 1.0-1.6 s import of torch's compiler (``torch._dynamo``) that building any
+    optimizer triggers: ``Optimizer.add_param_group`` is wrapped to import it on first call, only to mark the
+    method as not to be compiled. Nothing here is compiled, so the method is used unwrapped. Where a torch
+    version does not wrap it (no ``__wrapped__``), this is torch's own method and the import happens as usual."""
+
+    add_param_group = getattr(torch.optim.Optimizer.add_param_group, "__wrapped__",
+                              torch.optim.Optimizer.add_param_group)
+
+
 @dataclass
 class LogRegResult:
     C: float
@@ -67,28 +77,26 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
     def loss(logp: torch.Tensor, w: torch.Tensor, penalty: float) -> torch.Tensor:
         return -(logp * onehot).sum() / n + 0.5 * penalty * (w * w).sum()
 
-    def objective(w: torch.Tensor, b: torch.Tensor, penalty: float) -> float:
-        return float(loss(torch.addmm(b, x, w.T).log_softmax(1), w, penalty))
-
-    earlier: list[tuple[torch.Tensor, torch.Tensor]] = []  # the solutions before the last one, newest first
+    # The solutions before this C's, newest first, each as (coef, intercept, its training logits). A start is a
+    # combination of them, and so are its logits: judging a start takes no pass over the features.
+    earlier: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [(coef.clone(), intercept.clone(),
+                                                                       intercept.expand(n, k).clone())]
     for c in cs:
         penalty = 1.0 / (c * n)
         with torch.no_grad():
             # Continue the path: start from whichever fits this C best of the last solution, the line through the
             # last two and the parabola through the last three (the Cs are log-spaced: equal steps).
-            last = (coef.clone(), intercept.clone())
-            starts = [last]
-            if earlier:
-                starts.append(tuple(2 * a - b for a, b in zip(last, earlier[0])))
+            starts = [earlier[0]]
             if len(earlier) > 1:
-                starts.append(tuple(3 * a - 3 * b + z for a, b, z in zip(last, earlier[0], earlier[1])))
-            start = min(starts, key=lambda wb: objective(*wb, penalty))
+                starts.append(tuple(2 * a - b for a, b in zip(*earlier[:2])))
+            if len(earlier) > 2:
+                starts.append(tuple(3 * a - 3 * b + z for a, b, z in zip(*earlier[:3])))
+            start = min(starts, key=lambda wbl: float(loss(wbl[2].log_softmax(1), wbl[0], penalty)))
             coef.copy_(start[0])
             intercept.copy_(start[1])
-            earlier = [last, *earlier[:1]]
         # torch's L-BFGS stops when max |gradient| <= tolerance_grad: scikit-learn's (scipy's) gtol.
-        opt = torch.optim.LBFGS([coef, intercept], lr=1, max_iter=max_iter, tolerance_grad=tol,
-                                tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
+        opt = _LBFGS([coef, intercept], lr=1, max_iter=max_iter, tolerance_grad=tol,
+                     tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             logp = torch.addmm(intercept, x, coef.T).log_softmax(1)  # (N, K)
@@ -98,7 +106,9 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
             return loss(logp, coef, penalty)
 
         opt.step(closure)
-        yield c, coef.clone(), intercept.clone(), int(opt.state[coef].get("n_iter", 0))
+        with torch.no_grad():
+            earlier = [(coef.clone(), intercept.clone(), torch.addmm(intercept, x, coef.T)), *earlier[:2]]
+        yield c, earlier[0][0], earlier[0][1], int(opt.state[coef].get("n_iter", 0))
 
 
 def logreg_baseline(train: Labelled, val: Labelled, *, metric: str = "macro_f1", cs: tuple[float, ...] = DEFAULT_CS,

@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -468,6 +470,27 @@ def test_logreg_path_solutions_are_near_the_optimum() -> None:
         *_, (_, w_exact, b_exact, _) = fit_path(xs[:150], torch.as_tensor(y[:150]), [10.0], tol=1e-7, max_iter=20_000)
         gap = (torch.addmm(b, xs[150:], w.T).softmax(1) - torch.addmm(b_exact, xs[150:], w_exact.T).softmax(1)).abs()
         assert float(gap.max()) <= 0.02, seed
+
+
+def test_the_baseline_solves_as_torchs_lbfgs_without_importing_its_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baseline's optimizer is torch's L-BFGS with ``add_param_group`` unwrapped (issue #12: the wrapper
+    imports torch._dynamo, 1.0-1.6 s, on first use): the same solutions, bit for bit, as ``torch.optim.LBFGS``'s,
+    and a fresh process that fits a baseline never imports torch._dynamo."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 120)
+    x = torch.as_tensor(rng.normal(size=(120, 16)) + np.eye(3)[y] @ rng.normal(size=(3, 16)), dtype=torch.float32)
+    ours = list(fit_path(x, torch.as_tensor(y), [0.01, 0.1, 1.0, 10.0]))
+    monkeypatch.setattr("probe.baseline._LBFGS", torch.optim.LBFGS)
+    torchs = list(fit_path(x, torch.as_tensor(y), [0.01, 0.1, 1.0, 10.0]))
+    assert sum(its for *_, its in ours) > 10
+    for (c, w, b, its), (c2, w2, b2, its2) in zip(ours, torchs, strict=True):
+        assert (c, its) == (c2, its2) and torch.equal(w, w2) and torch.equal(b, b2)
+    code = ("import sys, numpy as np; from probe.baseline import logreg_baseline; from probe.train import Examples; "
+            "r = np.random.default_rng(0); x, y = r.normal(size=(60, 5)), np.arange(60) % 3; "
+            "fit = logreg_baseline(Examples(x, y), Examples(x, y), cs=(0.1, 1.0)); "
+            "print(fit.iterations[1.0] > 0, 'torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.stdout.split() == ["True", "False"], done.stderr
 
 
 # ----------------------------------------------------------------------------- pipeline
