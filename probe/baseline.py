@@ -108,7 +108,7 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
         opt.step(closure)
         with torch.no_grad():
             earlier = [(coef.clone(), intercept.clone(), torch.addmm(intercept, x, coef.T)), *earlier[:2]]
-        yield c, earlier[0][0], earlier[0][1], int(opt.state[coef].get("n_iter", 0))
+        yield c, coef.clone(), intercept.clone(), int(opt.state[coef].get("n_iter", 0))  # the caller's own copies
 
 
 def logreg_baseline(train: Labelled, val: Labelled, *, metric: str = "macro_f1", cs: tuple[float, ...] = DEFAULT_CS,
