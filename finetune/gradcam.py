@@ -25,6 +25,7 @@ from torch import nn
 
 from extract.extractor import feature_map_nchw
 from finetune.data import Split
+from runtime.figures import save_png
 
 
 class KNNEvidence(nn.Module):
@@ -86,13 +87,7 @@ def gradcam_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int] 
 
 def save_gradcam_grid(images_rgb: Sequence[np.ndarray], maps: np.ndarray, titles: Sequence[str], path: Path,
                       heading: str, wrong: Sequence[bool]) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig = gradcam_figure(images_rgb, maps, titles, heading, wrong)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(gradcam_figure(images_rgb, maps, titles, heading, wrong), path, 110)
 
 
 def gradcam_figure(images_rgb: Sequence[np.ndarray], maps: np.ndarray, titles: Sequence[str], heading: str,

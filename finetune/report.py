@@ -15,6 +15,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from probe.leaderboard import fmt_number  # noqa: E402
 from probe.metrics import METRICS  # noqa: E402
 from runtime.console import format_table  # noqa: E402
+from runtime.figures import save_png  # noqa: E402
 
 
 def _with_ci(value: float | None, ci: Sequence[float] | None) -> str:
@@ -62,10 +63,7 @@ def plot_searches(studies: Sequence[dict[str, Any]], metric: str, path: Path, ra
     if random_weights:
         fig.suptitle("RANDOM WEIGHTS (--no-pretrained)", color="tab:red", fontsize=10, fontweight="bold")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, 110)
 
 
 def summary_rows(results: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:

@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from runtime.figures import save_png  # noqa: E402
+
 
 def _draw(ax, cm: np.ndarray, classes: Sequence[str], title: str) -> None:
     cm = np.asarray(cm, dtype=float)
@@ -38,13 +40,7 @@ def _save(fig, path: Path, dpi: int, random_weights: bool = False) -> Path:
     if random_weights:  # said on the figure itself: a PNG travels without its table
         fig.suptitle("RANDOM WEIGHTS (--no-pretrained)", color="tab:red", fontsize=9, fontweight="bold")
     fig.tight_layout()
-    # tight_layout leaves a placeholder layout engine behind, and with any engine set savefig lays the whole figure
-    # out once more before drawing it: the same pixels, ~40% longer (0.35 s against 0.6 s for three matrices).
-    fig.set_layout_engine(None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi)
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], title: str, path: Path,

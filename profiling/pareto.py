@@ -19,6 +19,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from runtime.figures import save_png  # noqa: E402
+
 
 @dataclass(frozen=True)
 class ParetoPoint:
@@ -74,10 +76,7 @@ def plot_pareto(points: Sequence[ParetoPoint], *, metric: str, latency_label: st
                 path: Path) -> Path:
     """Two panels, test ``metric`` against latency and against GFLOPs, saved to ``path``."""
     fig = pareto_figure(points, metric=metric, latency_label=latency_label, random_weights=random_weights)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, 120)
 
 
 def pareto_figure(points: Sequence[ParetoPoint], *, metric: str, latency_label: str,
