@@ -80,7 +80,7 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
     # The solutions before this C's, newest first, each as (coef, intercept, its training logits). A start is a
     # combination of them, and so are its logits: judging a start takes no pass over the features.
     earlier: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [(coef.clone(), intercept.clone(),
-                                                                       intercept.expand(n, k).clone())]
+                                                                       torch.zeros(n, k, dtype=x.dtype))]
     for c in cs:
         penalty = 1.0 / (c * n)
         with torch.no_grad():
