@@ -29,9 +29,25 @@ def test_evidence_is_the_gaussian_marginal_likelihood(n: int, d: int) -> None:
         reference = multivariate_normal(np.zeros(n), np.eye(n) / beta + f @ f.T / alpha).logpdf(y)
         assert evidence(y, z, s, d, alpha, beta) == pytest.approx(reference, rel=1e-9)
     # The Gram-matrix route gives the same spectrum and projections.
-    s2, v, u = spectrum(f)
-    z2 = (v.T @ (f.T @ y)) / np.sqrt(s2) if u is None else u.T @ y
-    assert np.allclose(np.sort(s2), np.sort(s)) and np.allclose(np.sort(np.abs(z2)), np.sort(np.abs(z)))
+    s2, z2 = spectrum(f, y[:, None])
+    assert np.allclose(np.sort(s2), np.sort(s)) and np.allclose(np.sort(np.abs(z2[:, 0])), np.sort(np.abs(z)))
+
+
+@pytest.mark.parametrize("n,d", [(50, 12), (9, 20), (30, 1), (1, 5)])
+def test_spectrum_matches_the_svd_for_every_column(n: int, d: int) -> None:
+    """Eigenvalues and projections of several targets at once, eigenvalue by eigenvalue, also for rank-deficient
+    features (a repeated column) and the one-dimensional ends."""
+    rng = np.random.default_rng(4)
+    f = rng.normal(size=(n, d))
+    if d > 2:
+        f[:, 1] = f[:, 0]  # rank d - 1: the zero eigenvalue is dropped
+    ys = rng.normal(size=(n, 3))
+    u, sv, _ = np.linalg.svd(f, full_matrices=False)
+    keep = sv > sv.max() * 1e-8
+    s, z = spectrum(f, ys)
+    order = np.argsort(s)[::-1]  # the SVD's order: descending
+    assert np.allclose(s[order], sv[keep] ** 2, rtol=1e-9)
+    assert np.allclose(np.abs(z[order]), np.abs(u[:, keep].T @ ys), rtol=1e-7, atol=1e-9)  # signs are arbitrary
 
 
 def test_fixed_point_maximises_the_evidence() -> None:
