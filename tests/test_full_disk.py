@@ -3,6 +3,7 @@ command resumes once there is space (issue #10). The file system is a small tmpf
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import shutil
@@ -47,6 +48,34 @@ def fill(fs: Path, leave: int) -> Path:
     with filler.open("wb") as fh:
         fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
     return filler
+
+
+def test_a_figure_that_finds_no_room_leaves_the_previous_one(small_fs: Path) -> None:
+    """A PNG that the disk cannot hold fails with ENOSPC, and the figure of the run before stays whole: a reader
+    never finds half an image under the name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from runtime.figures import save_png
+
+    path = small_fs / "plots" / "pareto.png"
+    save_png(plt.subplots(figsize=(6, 4))[0], path, 100)  # empty axes: a few kB
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.imshow(np.random.default_rng(0).random((200, 300)))  # noise: ~400 kB that do not compress
+    filler = fill(small_fs, 50_000)  # room for part of the new image, even with the old one's space, not all of it
+    try:
+        with pytest.raises(OSError) as raised:
+            save_png(fig, path, 100)
+    finally:
+        filler.unlink()
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["pareto.png"]  # no temporary file left behind
+    assert not plt.get_fignums()  # closed, as after a successful write
 
 
 @pytest.fixture

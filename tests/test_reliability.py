@@ -14,21 +14,28 @@ from configs.extract import ExtractSettings
 from extract.cli import main as extract_main
 from extract.pipeline import extract_features
 from runtime.errors import WriteFailed, as_user_error
+from runtime.figures import save_png
 from runtime.files import atomic_write_text, write_csv
 from runtime.locks import Busy, exclusive
 
 
 def test_files_written_atomically_follow_the_umask(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.json", "{}")
         write_csv(tmp_path / "b.csv", [{"x": 1}])
+        save_png(plt.figure(figsize=(1, 1)), tmp_path / "c.png", 10)
         (tmp_path / "plain.txt").write_text("x")
     finally:
         os.umask(old)
     plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
     assert plain == 0o644
-    for name in ("a.json", "b.csv"):
+    for name in ("a.json", "b.csv", "c.png"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain, name
 
 
