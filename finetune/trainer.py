@@ -34,7 +34,7 @@ from probe.train import class_weights
 from runtime.console import progress
 from runtime.device import autocast, empty_cache, is_out_of_memory, uses_channels_last
 from runtime.errors import is_storage_failure
-from runtime.files import save_torch, write_csv
+from runtime.files import atomic_write_text, save_torch, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def run_trial(target: Target, data: FinetuneData, params: TrialParams, tuning: T
     """
     folder.mkdir(parents=True, exist_ok=True)
     described = tuning.to_dict()
-    (folder / "config.json").write_text(json.dumps({
+    atomic_write_text(folder / "config.json", json.dumps({
         "backbone": target.name, "params": params.to_dict(), "train": described["train"],
         "augment": described["augment"], "metric": setup.metric, "head": setup.head, "seed": setup.seed,
         "device": str(setup.device)}, indent=2))
