@@ -103,10 +103,16 @@ def synthetic_workdir(work: Path) -> Path:
 
 
 def phases(work: Path) -> dict[str, float]:
+    """Seconds per phase, summed over backbones; the training-free scores' phase as its two parts."""
     data = json.loads((work / "probe" / "results.json").read_text())
     total: dict[str, float] = {}
     for entry in data["leaderboard"]:
-        for name, seconds in entry["phase_seconds"].items():
+        parts = dict(entry["phase_seconds"])
+        transfer = entry.get("transfer") or {}
+        if "LogME and kNN" in parts and "logme_seconds" in transfer:
+            del parts["LogME and kNN"]
+            parts |= {"LogME": transfer["logme_seconds"], "kNN leave-one-out": transfer["knn_seconds"]}
+        for name, seconds in parts.items():
             total[name] = total.get(name, 0.0) + seconds
     return total
 
