@@ -130,6 +130,9 @@ class FeatureCache:
         # One contiguous read, then index in memory: h5py's fancy indexing is slow.
         lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
         pooled = f[schema.POOLED][lo:hi][idx - lo].astype(dtype, copy=False)
+        if not np.isfinite(pooled).all():  # written before the writer refused them (a float16 overflow, NaN weights)
+            raise CacheError(f"{self.path}: holds NaN or infinite features; extract it again with --force (and "
+                             "--dtype float32 if the backbone's features exceed float16's range)")
         fmap = None
         if maps:
             if not self.has_maps:

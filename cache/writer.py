@@ -21,6 +21,7 @@ import numpy as np
 
 from cache import schema
 from cache.integrity import first_bad_row, row_checksums
+from cache.reader import CacheError
 from runtime.errors import WriteFailed, write_failed
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class CacheWriter:
         self.path = Path(path)
         self.partial = schema.partial_path(self.path)
         self.num_rows = len(rows.ids)
+        self.ids = list(rows.ids)
         self.rows_done = start_row
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +153,10 @@ class CacheWriter:
             raise ValueError(f"rows must be written in order: expected row {self.rows_done}, got {start}")
         end = start + len(pooled)
         dataset = self.file[schema.POOLED]
-        pooled = pooled.astype(dataset.dtype, copy=False)
-        maps = maps.astype(np.float16, copy=False) if maps is not None else None
+        pooled = self._storable(start, pooled, dataset.dtype, "features", "extract with --dtype float32")
+        if maps is not None:
+            maps = self._storable(start, maps, np.dtype(np.float16), "feature maps",
+                                  "feature maps are stored as float16: extract without --store-maps")
         # A batch may start a new chunk of each dataset: room for whole chunks, twice over.
         chunk = int(np.prod(dataset.chunks)) * dataset.dtype.itemsize
         ensure_room(self.partial, 2 * (chunk + pooled.nbytes + (maps.nbytes if maps is not None else 0)))
@@ -168,6 +172,23 @@ class CacheWriter:
         except (OSError, RuntimeError) as exc:
             raise write_failed(exc, self.partial) from exc
         self.rows_done = end
+
+    def _storable(self, start: int, values: np.ndarray, dtype: np.dtype, what: str, wider: str) -> np.ndarray:
+        """``values`` (a batch of rows from ``start``) as ``dtype``; a :class:`CacheError` that names the image if any
+        value is not finite there. A cache never holds NaN or inf: every head, LogME and kNN would turn them into
+        scores that look like numbers."""
+        with np.errstate(over="ignore"):  # an overflow is found and reported below
+            stored = values.astype(dtype, copy=False)
+        bad = np.flatnonzero(~np.isfinite(stored).reshape(len(stored), -1).all(1))
+        if not len(bad):
+            return stored
+        image = f"image {self.ids[start + bad[0]]!r}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+        if np.isfinite(values[bad]).all():  # finite as computed, too large for the storage type
+            peak = float(np.abs(values[bad]).max())
+            raise CacheError(f"{self.path.name}: the {what} of {image} exceed {dtype.name}'s range (largest |value| "
+                             f"{peak:.4g}, {dtype.name} holds {float(np.finfo(dtype).max):g}); {wider}")
+        raise CacheError(f"{self.path.name}: the model gave NaN or infinite {what} for {image}: its weights or these "
+                         "images are broken (a checkpoint with NaN, an image the transform cannot handle)")
 
     def finish(self, meta_update: dict[str, Any] | None = None) -> Path:
         """Mark complete and publish under the final name."""

@@ -319,7 +319,7 @@ def extract_one(
         with calibration.torch_threads(threads):
             for batch in loader:
                 pooled, maps = forward(batch)
-                sink.put(row, pooled.astype(dtype, copy=False), maps)
+                sink.put(row, pooled, maps)  # the writer casts to the storage type (and refuses what overflows it)
                 row += len(batch)
                 bar.update(len(batch))
     except BaseException:

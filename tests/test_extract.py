@@ -298,6 +298,52 @@ def test_cli_end_to_end_and_errors(image_folder: Path, tmp_path: Path, capsys: p
     assert "no such file or folder" in caplog.text
 
 
+@pytest.mark.parametrize("fault", ["too large", "nan"])
+def test_features_a_cache_cannot_hold_stop_extraction_with_the_image_named(
+        image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        fault: str) -> None:
+    """A cache never holds NaN or inf. Features beyond float16's range (65504) are refused with the way out
+    (--dtype float32, which then stores them); NaN from the model is refused naming the image it came from."""
+    from extract.extractor import _Forward
+
+    original = _Forward.run
+
+    def faulty(self, x):
+        pooled, maps = original(self, x)
+        if fault == "nan":
+            pooled = pooled.clone()
+            pooled[1, 0] = float("nan")  # the second image of every batch
+            return pooled, maps
+        return pooled * 1e6, maps  # finite in float32, not in float16
+
+    monkeypatch.setattr(_Forward, "run", faulty)
+    work = tmp_path / "run"
+    argv = ["--data", str(image_folder), "--backbones", "test_resnet.r160_in1k", "--no-pretrained", "--workdir",
+            str(work), "--image-size", "64", "--batch-size", "8", "--workers", "0", "--no-progress"]
+    assert main(argv) == 2
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "Traceback" not in caplog.text and "test_resnet.r160_in1k@64.h5" in line
+    assert not list((work / "features").glob("*.h5"))  # nothing published
+    if fault == "nan":
+        assert "NaN or infinite features for image 'cat/01.png':" in line  # the first batch's second image
+        return
+    assert "exceed float16's range" in line and "65504" in line and "--dtype float32" in line
+    assert main([*argv, "--dtype", "float32"]) == 0
+    (entry,) = list_caches(work)
+    with open_cache(entry.path) as fc:
+        assert np.isfinite(fc.load().features).all() and np.abs(fc.load().features).max() > 65504
+
+
+def test_reader_refuses_a_cache_with_non_finite_features(image_folder: Path, extract_kwargs: dict) -> None:
+    """A cache written before the writer checked (an overflowed float16 value) is refused with what to do, not
+    read as numbers."""
+    (result,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
+    with h5py.File(result.path, "r+") as f:
+        f["pooled"][3, 5] = np.inf
+    with open_cache(result.path) as fc, pytest.raises(CacheError, match="NaN or infinite features.*--force"):
+        fc.load()
+
+
 @pytest.mark.parametrize("claimed", ["zeroed", 5000, -7])
 def test_resume_trusts_only_rows_that_verify(image_folder: Path, extract_kwargs: dict, tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture, claimed) -> None:
