@@ -25,8 +25,9 @@ class ProbeSettings(CommandSettings):
                                    json_schema_extra={"default_text": "every cache"})
     metric: Metric | None = Field(None, description="selection metric on validation",
                                   json_schema_extra={"default_text": "macro_f1; qwk with --ordinal"})
-    baseline: Literal["none", "logreg"] = Field("none", description="also fit scikit-learn's logistic regression, "
-                                                 "C chosen on validation")
+    baseline: Literal["none", "logreg"] = Field("none", description="also fit the classic linear probe: L2 logistic "
+                                                 "regression (scikit-learn's objective, solved by L-BFGS), C chosen "
+                                                 "on validation")
     folds: int | None = Field(None, ge=2, description="K-fold cross-validation over train+val: heads chosen by the "
                               "mean, mean ± std reported",
                               json_schema_extra={"default_text": "off: the dataset's validation split"})
