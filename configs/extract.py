@@ -33,7 +33,9 @@ class ExtractSettings(JobCommandSettings):
     workers: int | None = Field(None, ge=0, description="DataLoader decoding workers",
                                 json_schema_extra={"default_text": "one per spare core, at most 8"})
     device: Device = Field("auto", description="compute device (auto: CUDA, then MPS, then the CPU)")
-    dtype: Literal["float16", "float32"] = Field("float16", description="storage type of the pooled features")
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage type of the pooled features "
+                                                       "(float32 for a backbone whose features exceed float16's "
+                                                       "±65504: extraction stops and says so)")
     amp: bool | None = Field(None, description="mixed precision: bfloat16 (float16 without it) on CUDA, bfloat16 on a "
                              "CPU with AVX512-BF16 or AMX (2-2.4x for convolutional backbones; features within ~1% "
                              "of the float32 forward that fine-tuning and profiling run)",
