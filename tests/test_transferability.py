@@ -72,6 +72,17 @@ def test_logme_prefers_features_that_carry_the_labels() -> None:
     assert np.isfinite(logme(noise, y))
 
 
+def test_logme_of_features_that_carry_nothing_is_the_noise_only_evidence() -> None:
+    """All-zero features (a dead backbone) leave the prior precision undetermined — the evidence does not depend
+    on it — and used to end in a math domain error. LogME is then each class column's likelihood under noise
+    alone, N(0, I / beta) at the best beta = n / ||y||^2, averaged over classes, per sample."""
+    y = np.repeat([0, 1, 2], [5, 7, 8])
+    n = len(y)
+    per_class = [0.5 * np.log(n / count) - 0.5 - 0.5 * np.log(2 * np.pi) for count in (5, 7, 8)]
+    assert logme(np.zeros((n, 6)), y) == pytest.approx(np.mean(per_class), rel=1e-12)
+    assert logme(np.zeros((4, 9)), np.array([0, 1, 1, 0])) == pytest.approx(0.5 * np.log(2) - 0.5 - 0.5 * np.log(2 * np.pi))
+
+
 def test_knn_loo_equals_scikit_learn() -> None:
     rng = np.random.default_rng(3)
     y = rng.integers(0, 3, 90)
