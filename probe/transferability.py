@@ -50,9 +50,9 @@ def _maximise(y: np.ndarray, z: np.ndarray, s: np.ndarray, iters: int = 100) -> 
         gamma = float(shrink.sum())
         m_norm = float((beta ** 2 * s / (alpha + beta * s) ** 2 * z ** 2).sum())
         residual = float(y @ y - z @ z + ((1 - shrink) ** 2 * z ** 2).sum())
-        # Features that explain nothing of y (all zero, or orthogonal to it) leave m = 0, and alpha is then
-        # undetermined: the evidence does not depend on it there (its terms cancel), so it is kept.
-        new_alpha = gamma / m_norm if m_norm > 0 else alpha
+        # All-zero features (no nonzero eigenvalue) give gamma = 0, and the evidence does not depend on alpha
+        # there (its terms cancel): it is kept, where the update would set it to 0 and log(alpha) fail.
+        new_alpha = gamma / max(m_norm, 1e-12) if gamma > 0 else alpha
         new_beta = max(n - gamma, 1e-12) / max(residual, 1e-12)
         done = abs(new_alpha - alpha) <= 1e-6 * alpha and abs(new_beta - beta) <= 1e-6 * beta
         alpha, beta = new_alpha, new_beta
