@@ -72,14 +72,10 @@ def save_torch(obj: Any, path: Path) -> Path:
     import torch
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path, "wb") as fh:
+            torch.save(obj, fh)
     except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
         if isinstance(exc, RuntimeError) and shutil.disk_usage(path.parent).free < (1 << 20):
             exc = OSError(errno.ENOSPC, "No space left on device")  # torch only says "unexpected pos N vs M"
         raise write_failed(exc, path) from exc
