@@ -66,6 +66,18 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
     and labels ``y`` in 0..K-1, in ``x``'s dtype, each C started from the last ones' solutions."""
     n, d = x.shape
     k = int(y.max()) + 1
+    # With far fewer images than dimensions, solve in the images' span: the loss sees coef only through
+    # x @ coef.T and the penalty is ||coef||^2, so the optimum is coef = B @ Q.T with x.T = Q R, and B solves the
+    # same problem on the (N, N) features x @ Q = R.T. L-BFGS's steps are the same under this isometry, each
+    # product N / D the size; only the stopping test, max |gradient entry|, sees other entries. On ResNet-50's
+    # 1,257 x 2,048 features: 0.79x the time, QR included, and every C's validation probabilities as close to a
+    # float64 solve's as before (float32's rounding decides how close, in either basis). The QR is in float64:
+    # float32 factors left one C's true gradient 28x the tolerance. Near N = D it does not pay (0.9-1.0x at
+    # N = 0.8 D, 1.07x at 0.9 D).
+    basis = None
+    if n <= 0.75 * d:
+        basis, r = (m.to(x.dtype) for m in torch.linalg.qr(x.T.double()))  # (D, N), (N, N)
+        x, d = r.T.contiguous(), n
     # The loss and its gradient written out, each product in the layout BLAS runs fastest for these thin
     # matrices (K columns): logits (N, K) = x @ coef.T, and the gradient as (D, N) @ (N, K) from a residual
     # held (K, N). Other layouts of the same products are 1.5-40x slower on a CPU (autograd's among them).
@@ -108,7 +120,8 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
         opt.step(closure)
         with torch.no_grad():
             earlier = [(coef.clone(), intercept.clone(), torch.addmm(intercept, x, coef.T)), *earlier[:2]]
-        yield c, coef.clone(), intercept.clone(), int(opt.state[coef].get("n_iter", 0))  # the caller's own copies
+        full = coef.clone() if basis is None else coef @ basis.T  # the caller's own copies
+        yield c, full, intercept.clone(), int(opt.state[coef].get("n_iter", 0))
 
 
 def logreg_baseline(train: Labelled, val: Labelled, *, metric: str = "macro_f1", cs: tuple[float, ...] = DEFAULT_CS,

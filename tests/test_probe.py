@@ -456,6 +456,26 @@ def test_logreg_baseline_is_scikit_learns_logistic_regression(absent: bool) -> N
     np.testing.assert_allclose(tight.predict_proba(xv), p_exact, atol=2e-4)
 
 
+def test_logreg_with_fewer_images_than_dimensions_is_scikit_learns_optimum() -> None:
+    """With N well below D the baseline solves in the training images' span (a QR of the features). In float64 at
+    a tight tolerance its coefficients, in the original D dimensions, are scikit-learn's exact optimum's along the
+    path; the float32 baseline's probabilities are within float32's reach of them."""
+    rng = np.random.default_rng(4)
+    n, d, c = 90, 300, 3
+    y = rng.integers(0, c, n + 60)
+    x = rng.normal(size=(n + 60, d)) * rng.uniform(0.5, 3, d) + np.eye(c)[y] @ rng.normal(size=(c, d)) * 0.3
+    s = StandardScaler().fit(x[:n])
+    cs = [0.01, 0.1, 1.0]
+    path = fit_path(torch.as_tensor(s.transform(x[:n])), torch.as_tensor(y[:n]), cs, tol=1e-9, max_iter=10_000)
+    for cee, w, b, its in path:
+        exact = LogisticRegression(C=cee, tol=1e-10, max_iter=10_000).fit(s.transform(x[:n]), y[:n])
+        assert w.shape == (c, d) and its > 0
+        np.testing.assert_allclose(w.numpy(), exact.coef_, atol=1e-5 * np.abs(exact.coef_).max())
+        np.testing.assert_allclose(b.numpy(), exact.intercept_, atol=1e-5)
+        ours = logreg_baseline(Examples(x[:n], y[:n]), Examples(x[n:], y[n:]), cs=(cee,), tol=1e-7)
+        np.testing.assert_allclose(ours.predict_proba(x[n:]), exact.predict_proba(s.transform(x[n:])), atol=5e-4)
+
+
 def test_logreg_path_solutions_are_near_the_optimum() -> None:
     """Along the C path (each C started from the last ones' solutions), the baseline's model at C = 10 gives
     validation probabilities within 0.02 of the exact optimum's, on nearly separable features. scikit-learn's
