@@ -456,10 +456,13 @@ def test_logreg_baseline_is_scikit_learns_logistic_regression(absent: bool) -> N
     np.testing.assert_allclose(tight.predict_proba(xv), p_exact, atol=2e-4)
 
 
-def test_logreg_with_fewer_images_than_dimensions_is_scikit_learns_optimum() -> None:
+def test_logreg_with_fewer_images_than_dimensions_is_scikit_learns_optimum(monkeypatch: pytest.MonkeyPatch) -> None:
     """With N well below D the baseline solves in the training images' span (a QR of the features). In float64 at
     a tight tolerance its coefficients, in the original D dimensions, are scikit-learn's exact optimum's along the
     path; the float32 baseline's probabilities are within float32's reach of them."""
+    factored = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda a: factored.append(a.shape) or qr(a))
     rng = np.random.default_rng(4)
     n, d, c = 90, 300, 3
     y = rng.integers(0, c, n + 60)
@@ -474,6 +477,7 @@ def test_logreg_with_fewer_images_than_dimensions_is_scikit_learns_optimum() -> 
         np.testing.assert_allclose(b.numpy(), exact.intercept_, atol=1e-5)
         ours = logreg_baseline(Examples(x[:n], y[:n]), Examples(x[n:], y[n:]), cs=(cee,), tol=1e-7)
         np.testing.assert_allclose(ours.predict_proba(x[n:]), exact.predict_proba(s.transform(x[n:])), atol=5e-4)
+    assert factored == [(d, n)] * 4  # the path's solve and each baseline's: all in the span
 
 
 def test_logreg_path_solutions_are_near_the_optimum() -> None:
