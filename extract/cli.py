@@ -15,6 +15,7 @@ from report.tracking import track
 from runtime.console import format_table, setup_logging
 from runtime.errors import as_user_error
 from runtime.jobs import JobsFailed
+from runtime.process import imports_done
 
 log = logging.getLogger("extract")
 COLUMNS = ["backbone", "size", "images", "dim", "seconds", "images/s", "status", "weights", "file"]
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
         dataset = dataset_for(settings)  # a bad --data is reported before torch and timm load (seconds)
         from extract.pipeline import extract_features
+
+        imports_done()
 
         results = extract_features(settings, dataset)
         used = settings.model_copy(update={"workers": decode_workers(settings)})  # the record says what was used

@@ -15,6 +15,7 @@ from report.html import write_report
 from report.tracking import track
 from runtime.console import setup_logging
 from runtime.errors import as_user_error
+from runtime.process import imports_done
 
 log = logging.getLogger("finetune")
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         tuning = load_tuning(settings.space, settings.overlay())
         stage_one_results(settings.workdir)  # a workdir without them is answered before anything heavy loads
         from finetune.pipeline import run_finetune  # torch, timm and Nevergrad load only once there is work to do
+
+        imports_done()
 
         result = run_finetune(settings, tuning)
         # after the results, inside the try: a full disk here is the same one-line error as anywhere else

@@ -1,4 +1,6 @@
-from probe.cli import main
-from runtime.exit import exit_with
+from runtime.process import exit_with, start_command
+
+start_command()
+from probe.cli import main  # noqa: E402
 
 exit_with(main())

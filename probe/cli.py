@@ -16,6 +16,7 @@ from report.html import write_report
 from report.tracking import track
 from runtime.console import setup_logging
 from runtime.errors import as_user_error
+from runtime.process import imports_done
 
 log = logging.getLogger("probe")
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             load_grid(settings.grid_file)
             select_caches(settings.workdir, list(settings.backbones))
         from probe.pipeline import refresh_leaderboard, run_probe  # torch and scikit-learn load only for work
+
+        imports_done()
 
         if settings.report_only:
             print(refresh_leaderboard(settings.workdir).leaderboard)

@@ -15,6 +15,7 @@ from report.html import write_report
 from report.tracking import track
 from runtime.console import setup_logging
 from runtime.errors import as_user_error
+from runtime.process import imports_done
 
 log = logging.getLogger("profiling")
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         if not settings.backbones:  # the workdir's caches are what it profiles: checked before anything heavy loads
             complete_caches(settings.workdir)
         from profiling.pipeline import run_profiling  # torch, timm and ONNX load only once there is work to do
+
+        imports_done()
 
         result = run_profiling(settings)
         if result["records"]:  # after the results, inside the try: a full disk here is a one-line error too
