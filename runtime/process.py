@@ -19,7 +19,7 @@ _importing = False
 
 
 def start_command() -> None:
-    """First thing in ``python -m <stage>``: no collection until :func:`imports_done` (imports make no garbage)."""
+    """First thing in ``python -m <stage>``: no collection until :func:`imports_done` (imports make next to no garbage)."""
     global _importing
     _importing = True
     gc.disable()
