@@ -480,6 +480,25 @@ def test_logreg_with_fewer_images_than_dimensions_is_scikit_learns_optimum(monke
     assert factored == [(d, n)] * 4  # the path's solve and each baseline's: all in the span
 
 
+@pytest.mark.parametrize("c", [5, 10, 15])
+def test_logreg_path_is_scikit_learns_optimum_for_any_number_of_classes(c: int) -> None:
+    """In float64 at a tight tolerance, the path's models are scikit-learn's exact optimum's, whether the products
+    run on the K columns (5 classes) or on K padded to 16 (10 and 15)."""
+    rng = np.random.default_rng(c)
+    n, d = 240, 12
+    y = np.arange(n) % c
+    x = rng.normal(size=(n, d)) + np.eye(c)[y] @ rng.normal(size=(c, d))
+    xs = StandardScaler().fit_transform(x)
+    for cee, w, b, _ in fit_path(torch.as_tensor(xs), torch.as_tensor(y), [0.1, 1.0], tol=1e-9, max_iter=10_000):
+        exact = LogisticRegression(C=cee, tol=1e-10, max_iter=10_000).fit(xs, y)
+        assert w.shape == (c, d) and b.shape == (c,)
+        np.testing.assert_allclose(w.numpy(), exact.coef_, atol=1e-5 * np.abs(exact.coef_).max())
+        # The unpenalised intercepts are fixed only up to a common shift, which the softmax ignores.
+        np.testing.assert_allclose((b - b.mean()).numpy(), exact.intercept_ - exact.intercept_.mean(), atol=1e-4)
+        np.testing.assert_allclose(torch.addmm(b, torch.as_tensor(xs), w.T).softmax(1).numpy(), exact.predict_proba(xs),
+                                   atol=1e-5)
+
+
 def test_logreg_path_solutions_are_near_the_optimum() -> None:
     """Along the C path (each C started from the last ones' solutions), the baseline's model at C = 10 gives
     validation probabilities within 0.02 of the exact optimum's, on nearly separable features. scikit-learn's
