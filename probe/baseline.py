@@ -53,8 +53,15 @@ class LogRegResult:
     iterations: dict[float, int]
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        z = torch.as_tensor((np.asarray(x, np.float32) - self.mean) / self.scale).double()
+        return self.proba_of_standardized(standardized(x, self.mean, self.scale))
+
+    def proba_of_standardized(self, z: torch.Tensor) -> np.ndarray:
         return (z @ torch.as_tensor(self.coef).T + torch.as_tensor(self.intercept)).softmax(1).numpy()
+
+
+def standardized(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+    """``x`` as the model sees it: standardised with the training statistics, in float64."""
+    return torch.as_tensor((np.asarray(x, np.float32) - mean) / scale).double()
 
 
 TOL = 1e-5
@@ -160,9 +167,10 @@ def logreg_baseline(train: Labelled, val: Labelled, *, metric: str = "macro_f1",
     best: LogRegResult | None = None
     scores: dict[float, float] = {}
     iterations: dict[float, int] = {}
+    z_val = standardized(x_val, mean, scale)  # once for every C (~5 ms each on 1,500 x 2,048)
     for c, w, b, its in fit_path(x, y, sorted(cs), max_iter=max_iter, tol=tol):
         fitted = model(c, w, b)
-        fitted.val_metric = scores[float(c)] = fast_metric(metric, y_val, fitted.predict_proba(x_val))
+        fitted.val_metric = scores[float(c)] = fast_metric(metric, y_val, fitted.proba_of_standardized(z_val))
         iterations[float(c)] = its
         if best is None or (fitted.val_metric > best.val_metric if higher else fitted.val_metric < best.val_metric):
             best = fitted
