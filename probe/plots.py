@@ -30,7 +30,7 @@ def _draw(ax, cm: np.ndarray, classes: Sequence[str], title: str) -> None:
             for i in range(len(classes)):
                 for j in range(len(classes)):
                     # zeros too: an empty cell (a diagonal one above all) is a finding, not a gap
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6, in_layout=False,
                             color="white" if rows[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted", fontsize=8)
     ax.set_ylabel("true", fontsize=8)
