@@ -629,6 +629,9 @@ def test_default_head_and_folds(workdir: Path, grid_file: Path, tmp_path: Path) 
                                      backbones=["test_resnet*"]))
     (entry,) = result.entries
     assert entry["n_heads"] == 1 and entry["head"] == load_grid(grid_file).default.name
+    # One backbone: the top figure is its own confusion matrix.
+    figures = work / "probe" / "confusion"
+    assert (figures / "top.png").read_bytes() == (figures / "test_resnet.r160_in1k@48.png").read_bytes()
     assert entry["cv"]["folds"] == 3 and 0 <= entry["cv"]["std"] < 0.2 and 0 < entry["cv"]["mean"] <= 1
 
 
