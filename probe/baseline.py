@@ -92,9 +92,10 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, cs: list[float], *, max_iter: int
     onehot = F.one_hot(y, k).to(x.dtype)  # (N, K)
     coef, intercept = torch.zeros(k, d, dtype=x.dtype), torch.zeros(k, dtype=x.dtype)
     coef.grad, intercept.grad = torch.zeros_like(coef), torch.zeros_like(intercept)
-    # For 9-15 classes both products run on K columns padded with zeros to 16, which the softmax never sees: MKL
-    # multiplies 16 thin columns 1.3-1.6x faster than 9-15 (here, an AMD EPYC; 10 classes: 0.57 -> 0.36 ms on
-    # 1,257 x 1,257, 7.4 -> 5.4 ms on 7,000 x 2,048), and 2-8 faster still.
+    # For 9-15 classes both products run on K columns padded with zeros to 16, which the softmax never sees.
+    # 16 float32 columns fill whole SIMD registers (one AVX-512, two AVX2); 9-15 leave a remainder, and here
+    # (MKL on an AMD EPYC with AVX-512) 16 columns took 0.6-0.7x the time of 10, less than 8 did: 0.57 -> 0.36 ms
+    # on 1,257 x 1,257, 7.4 -> 5.4 ms on 7,000 x 2,048. Not measured on other CPUs (benchmarks/HISTORY.md).
     padded = 16 if 8 < k < 16 else k
     padded_coef, padded_intercept = torch.zeros(padded, d, dtype=x.dtype), torch.zeros(padded, dtype=x.dtype)
     padded_residual = torch.zeros(padded, n, dtype=x.dtype)
