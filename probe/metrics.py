@@ -156,16 +156,14 @@ def metrics_of_heads(y_true: np.ndarray, probas: list[np.ndarray], *, top_k: int
         return []
     n, c = probas[0].shape
     k = top_k or default_top_k(c)
-    ones = np.ones((n, 1), np.float32)
     confusion = _head_confusions(y_true, np.stack([p.argmax(1) for p in probas]), c)
     table = _from_confusion(confusion)
     every_class = len(np.unique(y_true)) == c  # ROC-AUC is undefined when a class is absent
     out = []
     for h, p in enumerate(probas):
-        auc = _bootstrap_roc_auc(y_true, p, ones)
         out.append({name: float(v[h]) for name, v in table.items()} | {
             "top_k_accuracy": float(_top_k_hits(y_true, p, k).mean()),
-            "roc_auc": float(auc[0]) if every_class and len(auc) else float("nan"),
+            "roc_auc": _roc_auc_of(y_true, p) if every_class else float("nan"),
             "log_loss": float(_image_log_losses(y_true, p).mean())})
     return out
 
@@ -186,6 +184,33 @@ def _image_log_losses(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
     return -np.log(p.astype(np.float64))
 
 
+def _auc_scores(proba: np.ndarray) -> tuple[np.ndarray, list[int] | range]:
+    """The scores ROC-AUC ranks, as :func:`compute_metrics`: the positive class's column with two classes, else
+    every class's normalised probability (one-vs-rest), and the classes they belong to."""
+    if proba.shape[1] == 2:
+        return proba[:, 1:2], [1]
+    return proba / proba.sum(1, keepdims=True), range(proba.shape[1])
+
+
+def _tie_bounds(negatives: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each positive's score falls among the sorted negatives' scores: below it [0, lo), tied [lo, hi)."""
+    return (np.searchsorted(negatives, positives, side="left"), np.searchsorted(negatives, positives, side="right"))
+
+
+def _roc_auc_of(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """:func:`compute_metrics`' ROC-AUC (every class present) as a Mann-Whitney count: for every positive, the
+    negatives scored below it, plus half of those tied. One sort per class: the results table scores every head
+    of the grid this way, where the bootstrap's weighted version costs ~2 ms per head in sparse products."""
+    scores, classes = _auc_scores(proba)
+    aucs = []
+    for k, column in zip(classes, scores.T):
+        positive = y_true == k
+        negatives = np.sort(column[~positive])
+        lo, hi = _tie_bounds(negatives, column[positive])
+        aucs.append((lo + 0.5 * (hi - lo)).sum() / (positive.sum() * len(negatives)))
+    return float(np.mean(aucs))
+
+
 def _bootstrap_roc_auc(y_true: np.ndarray, proba: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """ROC-AUC (binary, or one-vs-rest macro as :func:`compute_metrics`) of every resample, from the resamples'
     :func:`draw_counts` (N, R).
@@ -194,18 +219,14 @@ def _bootstrap_roc_auc(y_true: np.ndarray, proba: np.ndarray, counts: np.ndarray
     half of those tied. The scores' order does not depend on the resample: one sort per class serves them
     all. Resamples that miss a class are left out (the AUC is undefined there), as scikit-learn would refuse.
     """
-    n, c = proba.shape
+    n = proba.shape[0]
     r = counts.shape[1]
-    scores = proba[:, 1:2] if c == 2 else proba / proba.sum(1, keepdims=True)
-    classes = [1] if c == 2 else range(c)
+    scores, classes = _auc_scores(proba)
     aucs = []
     for k, column in zip(classes, scores.T):
         pos, neg = np.flatnonzero(y_true == k), np.flatnonzero(y_true != k)
         order = np.argsort(column[neg], kind="stable")
-        neg_sorted = column[neg][order]
-        # Where each positive's score falls among the sorted negatives: below it [0, lo), tied [lo, hi).
-        lo = np.searchsorted(neg_sorted, column[pos], side="left")
-        hi = np.searchsorted(neg_sorted, column[pos], side="right")
+        lo, hi = _tie_bounds(column[neg][order], column[pos])
         cuts = np.unique(np.concatenate([[0, len(neg)], lo, hi]))
         # Each negative's segment between cuts; the segments' draw counts by one sparse product, summed up.
         segment = np.searchsorted(cuts, np.arange(len(neg)), side="right") - 1
