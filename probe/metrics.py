@@ -154,7 +154,7 @@ def metrics_of_heads(y_true: np.ndarray, probas: list[np.ndarray], *, top_k: int
     y_true = np.asarray(y_true)
     if not probas:
         return []
-    n, c = probas[0].shape
+    c = probas[0].shape[1]
     k = top_k or default_top_k(c)
     confusion = _head_confusions(y_true, np.stack([p.argmax(1) for p in probas]), c)
     table = _from_confusion(confusion)
