@@ -1,19 +1,18 @@
-"""Classification metrics (scikit-learn) and bootstrap confidence intervals.
+"""Classification metrics and bootstrap confidence intervals, in numpy.
 
-Point estimates come straight from scikit-learn. The bootstrap resamples the test
-images many times, so it computes the same metrics from per-resample confusion
-matrices with numpy (checked against scikit-learn in the tests) instead of
-calling scikit-learn a thousand times.
+Every metric is scikit-learn's definition, and the tests hold each value to scikit-learn's (ties, a class never
+predicted, a class absent from the split). The values are computed here, not by calling scikit-learn, for two
+reasons: the results table scores every head of a grid and the bootstrap a thousand resamples, all from one
+``bincount`` of confusion matrices, where scikit-learn costs ~30 ms per call; and importing scikit-learn
+(scipy.stats and pandas come with it) would add ~0.8 s to every probe command.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 from scipy import sparse
-from sklearn import metrics as skm
 
 # name -> whether larger is better
 METRICS: dict[str, bool] = {
@@ -33,56 +32,24 @@ def default_top_k(num_classes: int) -> int:
 
 def compute_metrics(y_true: np.ndarray, proba: np.ndarray, *, top_k: int | None = None,
                     per_class: bool = False) -> dict[str, Any]:
-    """Every metric of the probe from true labels and class probabilities (N, C)."""
+    """Every metric of the probe from true labels and class probabilities (N, C); with ``per_class``, also each
+    class's precision, recall, F1 and support and the confusion matrix (rows: true class)."""
     y_true = np.asarray(y_true)
-    n_classes = proba.shape[1]
-    labels = np.arange(n_classes)
-    y_pred = proba.argmax(1)
-    k = top_k or default_top_k(n_classes)
-    out: dict[str, Any] = {
-        "accuracy": skm.accuracy_score(y_true, y_pred),
-        "balanced_accuracy": _quiet(skm.balanced_accuracy_score, y_true, y_pred),
-        "macro_f1": skm.f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0),
-        "qwk": _qwk(y_true, y_pred, labels),
-        "top_k_accuracy": skm.top_k_accuracy_score(y_true, proba, k=k, labels=labels) if n_classes > 2 else skm.accuracy_score(y_true, y_pred),
-        "roc_auc": _roc_auc(y_true, proba, labels),
-        "log_loss": skm.log_loss(y_true, np.clip(proba, 1e-15, 1), labels=labels),
-        "top_k": k,
-    }
+    out: dict[str, Any] = metrics_of_heads(y_true, [proba], top_k=top_k)[0]
+    out["top_k"] = top_k or default_top_k(proba.shape[1])
     if per_class:
-        p, r, f, s = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-        out["per_class"] = {"precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(), "support": s.tolist()}
-        out["confusion"] = skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
-    return {k_: (float(v) if isinstance(v, (np.floating, float)) else v) for k_, v in out.items()}
+        cm = confusion_batch(y_true, proba.argmax(1), proba.shape[1])[0]
+        rates = _class_rates(cm)
+        out["per_class"] = {"precision": rates["precision"].tolist(), "recall": rates["recall"].tolist(),
+                            "f1": rates["f1"].tolist(), "support": cm.sum(1).tolist()}
+        out["confusion"] = cm.tolist()
+    return out
 
 
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
-def _qwk(y_true: np.ndarray, y_pred: np.ndarray, labels: np.ndarray) -> float:
-    value = _quiet(skm.cohen_kappa_score, y_true, y_pred, labels=labels, weights="quadratic")
-    return 0.0 if np.isnan(value) else float(value)  # nan when only one class is present
-
-
-def _roc_auc(y_true: np.ndarray, proba: np.ndarray, labels: np.ndarray) -> float:
-    if len(np.unique(y_true)) < len(labels):
-        return float("nan")  # undefined when a class is absent
-    if len(labels) == 2:
-        return float(skm.roc_auc_score(y_true, proba[:, 1]))
-    p = proba / proba.sum(1, keepdims=True)
-    return float(skm.roc_auc_score(y_true, p, multi_class="ovr", average="macro", labels=labels))
-
-
-# ----------------------------------------------------------------------------- fast versions
-
-
-def _from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """accuracy, balanced accuracy, macro F1 and QWK from confusion matrices (..., C, C)."""
+def _class_rates(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per class of confusion matrices (..., C, C): support, predicted count, hits, and precision, recall and F1
+    (0 where undefined, as scikit-learn's ``zero_division=0``)."""
     cm = cm.astype(np.float64)
-    n = cm.sum((-2, -1))
     tp = np.diagonal(cm, axis1=-2, axis2=-1)
     support = cm.sum(-1)  # true counts per class
     predicted = cm.sum(-2)
@@ -90,6 +57,16 @@ def _from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
         recall = np.where(support > 0, tp / support, 0.0)
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return {"tp": tp, "support": support, "predicted": predicted, "precision": precision, "recall": recall, "f1": f1}
+
+
+def _from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """accuracy, balanced accuracy, macro F1 and QWK from confusion matrices (..., C, C)."""
+    rates = _class_rates(cm)
+    cm = cm.astype(np.float64)
+    tp, support, predicted, recall = rates["tp"], rates["support"], rates["predicted"], rates["recall"]
+    n = cm.sum((-2, -1))
+    with np.errstate(divide="ignore", invalid="ignore"):
         present = support > 0
         balanced = (recall * present).sum(-1) / np.maximum(present.sum(-1), 1)
         c = cm.shape[-1]
@@ -98,9 +75,9 @@ def _from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
         expected = support[..., :, None] * predicted[..., None, :] / np.maximum(n, 1)[..., None, None]
         num = (w * cm).sum((-2, -1))
         den = (w * expected).sum((-2, -1))
-        qwk = np.where(den > 0, 1 - num / den, 0.0)
+        qwk = np.where(den > 0, 1 - num / den, 0.0)  # 0 where scikit-learn's is nan: one class only
     return {"accuracy": tp.sum(-1) / np.maximum(n, 1), "balanced_accuracy": balanced,
-            "macro_f1": f1.mean(-1), "qwk": qwk}
+            "macro_f1": rates["f1"].mean(-1), "qwk": qwk}
 
 
 def confusion_batch(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -116,7 +93,8 @@ FROM_CONFUSION = ("accuracy", "balanced_accuracy", "macro_f1", "qwk")
 
 
 def fast_metric(name: str, y_true: np.ndarray, proba: np.ndarray, *, top_k: int | None = None) -> float:
-    """One metric, computed with numpy; used inside training loops for early stopping."""
+    """One metric, computing only what it needs (the confusion metrics need no more than the confusion matrix):
+    training loops call it every epoch for early stopping."""
     if name in FROM_CONFUSION:
         return float(fast_metric_of_heads(name, y_true, proba[:, None])[0])
     return float(compute_metrics(y_true, proba, top_k=top_k)[name])
@@ -148,9 +126,8 @@ def draw_counts(idx: np.ndarray, n: int) -> np.ndarray:
 
 def metrics_of_heads(y_true: np.ndarray, probas: list[np.ndarray], *, top_k: int | None = None
                      ) -> list[dict[str, float]]:
-    """:func:`compute_metrics`' seven metrics (no per-class ones) for many heads' probabilities on one split,
-    with numpy: the results table scores every head of the grid, where scikit-learn's per-call overhead
-    (~30 ms) would cost more than the bootstrap. The tests hold it to scikit-learn's values."""
+    """The seven metrics of :func:`compute_metrics` (no per-class ones) for many heads' probabilities on one
+    split, every head's confusion matrix from one ``bincount``: the results table scores every head of the grid."""
     y_true = np.asarray(y_true)
     if not probas:
         return []

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
 from cache import open_cache, select_caches
 from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
@@ -60,6 +59,9 @@ def choose(trained: list[TrainedHead], metric: str, scores: list[float] | None =
 def cross_validate(configs: tuple[HeadConfig, ...], labelled: Examples, folds: int, num_classes: int,
                    fit: Fit) -> np.ndarray:
     """(folds, heads) validation metric of every head by stratified K-fold CV over train+val."""
+    # Imported here: scikit-learn costs ~0.8 s to import, and only --folds needs it.
+    from sklearn.model_selection import StratifiedKFold
+
     x, y = labelled.features, labelled.labels
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=fit.seed)
     out = []

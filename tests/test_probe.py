@@ -23,7 +23,7 @@ from configs.extract import ExtractSettings
 from configs.probe import GridTraining, HeadConfig, ProbeSettings, load_grid
 from configs.settings import ConfigError
 from extract.pipeline import extract_features
-from probe.baseline import DEFAULT_CS, fit_path, logreg_baseline
+from probe.baseline import DEFAULT_CS, fit_path, logreg_baseline, scaler_statistics
 from probe.classifier import load_classifier, load_head
 from probe.cli import main as probe_main
 from probe.head_onnx import head_model, write_head_onnx
@@ -84,22 +84,67 @@ def random_predictions(seed: int, n: int = 300, c: int = 5, missing: bool = Fals
     return y, proba
 
 
+def sklearn_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """The reference: compute_metrics' seven metrics, each by scikit-learn (nan ROC-AUC and 0 QWK where
+    scikit-learn has none, as compute_metrics documents)."""
+    c = proba.shape[1]
+    labels, pred = np.arange(c), proba.argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's about absent classes and float32 sums
+        qwk = skm.cohen_kappa_score(y, pred, labels=labels, weights="quadratic")
+        if len(np.unique(y)) < c:
+            auc = float("nan")
+        elif c == 2:
+            auc = skm.roc_auc_score(y, proba[:, 1])
+        else:
+            auc = skm.roc_auc_score(y, proba / proba.sum(1, keepdims=True), multi_class="ovr", labels=labels)
+        return {"accuracy": skm.accuracy_score(y, pred),
+                "balanced_accuracy": skm.balanced_accuracy_score(y, pred),
+                "macro_f1": skm.f1_score(y, pred, average="macro", labels=labels, zero_division=0),
+                "qwk": 0.0 if np.isnan(qwk) else qwk,
+                "top_k_accuracy": (skm.top_k_accuracy_score(y, proba, k=3 if c > 3 else 1, labels=labels)
+                                   if c > 2 else skm.accuracy_score(y, pred)),
+                "roc_auc": auc,
+                "log_loss": skm.log_loss(y, np.clip(proba, 1e-15, 1), labels=labels)}
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_metrics_equal_scikit_learn(seed: int) -> None:
-    y, proba = random_predictions(seed)
+@pytest.mark.parametrize("missing", [False, True], ids=["all-classes", "class-absent"])
+def test_metrics_equal_scikit_learn(seed: int, missing: bool) -> None:
+    y, proba = random_predictions(seed, missing=missing)
     pred = proba.argmax(1)
     labels = np.arange(5)
     m = compute_metrics(y, proba, per_class=True)
-    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
-    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
-    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
-    assert m["qwk"] == pytest.approx(skm.cohen_kappa_score(y, pred, weights="quadratic"))
-    assert m["top_k_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, proba, k=3, labels=labels))
-    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"))
-    assert m["log_loss"] == pytest.approx(skm.log_loss(y, proba, labels=labels))
-    assert m["confusion"] == skm.confusion_matrix(y, pred).tolist()
-    p, r, f, _ = skm.precision_recall_fscore_support(y, pred, zero_division=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's about the absent class
+        assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+        assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+        assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro", labels=labels, zero_division=0))
+        assert m["qwk"] == pytest.approx(skm.cohen_kappa_score(y, pred, weights="quadratic"))
+        assert m["top_k_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, proba, k=3, labels=labels))
+        if missing:
+            assert np.isnan(m["roc_auc"])  # undefined: scikit-learn refuses
+        else:
+            assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+        assert m["log_loss"] == pytest.approx(skm.log_loss(y, proba, labels=labels))
+        assert m["top_k"] == 3
+        assert m["confusion"] == skm.confusion_matrix(y, pred, labels=labels).tolist()
+        p, r, f, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    np.testing.assert_allclose(m["per_class"]["precision"], p)
+    np.testing.assert_allclose(m["per_class"]["recall"], r)
     np.testing.assert_allclose(m["per_class"]["f1"], f)
+    assert m["per_class"]["support"] == support.tolist()
+    assert all(type(v) is float for name, v in m.items() if name in METRICS)  # JSON-ready, not numpy scalars
+
+
+def test_binary_metrics_equal_scikit_learn() -> None:
+    """Two classes: ROC-AUC of the positive class's probability, top-k accuracy is accuracy."""
+    y, proba = random_predictions(5, n=150, c=2)
+    m = compute_metrics(y, proba)
+    want = sklearn_metrics(y, proba)
+    assert want["roc_auc"] == pytest.approx(skm.roc_auc_score(y, proba[:, 1]))
+    for name in METRICS:
+        assert m[name] == pytest.approx(want[name]), name
 
 
 @pytest.mark.parametrize("missing", [False, True])
@@ -121,7 +166,7 @@ def test_fast_confusion_metrics_equal_scikit_learn(missing: bool) -> None:
 @pytest.mark.parametrize("name", list(METRICS))
 def test_fast_metric_of_heads_equals_scikit_learn(name: str) -> None:
     """The grid's per-epoch validation scores, every head at once from (N, heads, C), are each head's
-    compute_metrics (scikit-learn) value: with a class never predicted, ties in vote shares, and a class absent."""
+    scikit-learn value: with a class never predicted, ties in vote shares, and a class absent."""
     rng = np.random.default_rng(7)
     y = rng.integers(0, 4, 150)
     y[y == 3] = 2  # class 3 absent from the split
@@ -132,8 +177,8 @@ def test_fast_metric_of_heads_equals_scikit_learn(name: str) -> None:
     proba = np.concatenate([soft, votes[:, None]], 1)  # (150, 6 heads, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scikit-learn's about the absent class and float32 sums
-        want = [compute_metrics(y, proba[:, h])[name] for h in range(proba.shape[1])]
         got = fast_metric_of_heads(name, y, proba)
+    want = [sklearn_metrics(y, proba[:, h])[name] for h in range(proba.shape[1])]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
 
 
@@ -147,8 +192,8 @@ class _nullcontext:
 
 @pytest.mark.parametrize("c", [2, 3, 10])
 def test_metrics_of_heads_equal_scikit_learn(c: int) -> None:
-    """The results table's numpy metrics for many heads at once are compute_metrics' (scikit-learn's): float32
-    softmax outputs, kNN-like vote shares full of ties, and a class missing from the split."""
+    """The results table's metrics for many heads at once are scikit-learn's: float32 softmax outputs, kNN-like
+    vote shares full of ties, and a class missing from the split."""
     rng = np.random.default_rng(c)
     y = rng.integers(0, c, 90)
     soft = torch.randn(90, c).mul(3).softmax(1).numpy()  # float32, as heads give
@@ -157,7 +202,7 @@ def test_metrics_of_heads_equal_scikit_learn(c: int) -> None:
     for labels, probas in ((y, [soft, votes]), (missing, [soft, votes])):
         fast = metrics_of_heads(labels, probas)
         for got, p in zip(fast, probas):
-            want = compute_metrics(labels, p)
+            want = sklearn_metrics(labels, p)
             for name in METRICS:
                 if np.isnan(want[name]):
                     assert np.isnan(got[name]), name
@@ -428,6 +473,21 @@ def test_logreg_baseline_chooses_on_validation() -> None:
     assert set(res.val_by_C) == {0.001, 0.1, 10.0}
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_the_baselines_standardisation_is_scikit_learns_standard_scaler(dtype: type) -> None:
+    """The baseline's training statistics are StandardScaler's (rounded to float32, the dtype it solves in), with
+    large offsets, and constant features (zero, or far from zero) left unscaled."""
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(400, 30)) * rng.uniform(0.01, 50, 30) + rng.normal(size=30) * 1000).astype(dtype)
+    x[:, 3], x[:, 5], x[:, 7] = 7.25, 0.0, 3e4
+    mean, scale = scaler_statistics(x)
+    ref = StandardScaler().fit(x)
+    assert mean.dtype == scale.dtype == np.float32
+    np.testing.assert_array_equal(mean, ref.mean_.astype(np.float32))
+    np.testing.assert_array_equal(scale, ref.scale_.astype(np.float32))
+    assert (scale[[3, 5, 7]] == 1).all()
+
+
 @pytest.mark.parametrize("absent", [False, True], ids=["all-classes", "class-absent-from-train"])
 def test_logreg_baseline_is_scikit_learns_logistic_regression(absent: bool) -> None:
     """At the chosen C, the baseline is scikit-learn's LogisticRegression: as close to the exact optimum as
@@ -534,6 +594,21 @@ def test_the_baseline_solves_as_torchs_lbfgs_without_importing_its_compiler(monk
             "print(fit.iterations[1.0] > 0, 'torch._dynamo' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.stdout.split() == ["True", "False"], done.stderr
+
+
+def test_a_whole_probe_run_imports_no_scikit_learn(workdir: Path, grid_file: Path, tmp_path: Path) -> None:
+    """Issue #12: importing scikit-learn (scipy.stats and pandas with it) costs ~0.8 s, more than the demo's
+    three baselines take to solve. A fresh process runs the grid, the logreg baseline, the bootstrap and the
+    report without it; the metrics are held to scikit-learn's by the tests above."""
+    work = fresh_copy(workdir, tmp_path)
+    argv = ["--workdir", str(work), "--grid", "--grid-file", str(grid_file), "--baseline", "logreg",
+            "--bootstrap", "20", "--no-progress", "-q"]
+    code = (f"import sys, json; from probe.cli import main; rc = main({json.dumps(argv)}); "
+            "print(json.dumps([rc, sorted(m for m in ('sklearn', 'scipy.stats', 'pandas') if m in sys.modules)]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, []], done.stderr
+    entries = json.loads((work / "probe" / "results.json").read_text())["leaderboard"]
+    assert len(entries) == 2 and all(e["logreg"]["val"]["macro_f1"] > 0 for e in entries)
 
 
 # ----------------------------------------------------------------------------- pipeline
