@@ -34,14 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve(ProbeSettings, "probe", args.config, given(args))
         settings.apply_environment()
-        # What the run reads is checked before torch and scikit-learn load (seconds): a workdir without caches,
+        # What the run reads is checked before torch and matplotlib load (seconds): a workdir without caches,
         # a bad grid file or no results to re-render is a one-line answer at once.
         if settings.report_only:
             read_results(settings.workdir, f"Run `python -m probe --workdir {settings.workdir}` first.")
         else:
             load_grid(settings.grid_file)
             select_caches(settings.workdir, list(settings.backbones))
-        from probe.pipeline import refresh_leaderboard, run_probe  # torch and scikit-learn load only for work
+        from probe.pipeline import refresh_leaderboard, run_probe  # torch and matplotlib load only for work
 
         imports_done()
 

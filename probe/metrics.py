@@ -63,18 +63,17 @@ def _class_rates(cm: np.ndarray) -> dict[str, np.ndarray]:
 def _from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
     """accuracy, balanced accuracy, macro F1 and QWK from confusion matrices (..., C, C)."""
     rates = _class_rates(cm)
-    cm = cm.astype(np.float64)
     tp, support, predicted, recall = rates["tp"], rates["support"], rates["predicted"], rates["recall"]
-    n = cm.sum((-2, -1))
+    n = support.sum(-1)
+    present = support > 0
+    balanced = (recall * present).sum(-1) / np.maximum(present.sum(-1), 1)
+    c = cm.shape[-1]
+    i, j = np.meshgrid(np.arange(c), np.arange(c), indexing="ij")
+    w = (i - j) ** 2 / max((c - 1) ** 2, 1)
+    expected = support[..., :, None] * predicted[..., None, :] / np.maximum(n, 1)[..., None, None]
+    num = (w * cm).sum((-2, -1))
+    den = (w * expected).sum((-2, -1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        present = support > 0
-        balanced = (recall * present).sum(-1) / np.maximum(present.sum(-1), 1)
-        c = cm.shape[-1]
-        i, j = np.meshgrid(np.arange(c), np.arange(c), indexing="ij")
-        w = (i - j) ** 2 / max((c - 1) ** 2, 1)
-        expected = support[..., :, None] * predicted[..., None, :] / np.maximum(n, 1)[..., None, None]
-        num = (w * cm).sum((-2, -1))
-        den = (w * expected).sum((-2, -1))
         qwk = np.where(den > 0, 1 - num / den, 0.0)  # 0 where scikit-learn's is nan: one class only
     return {"accuracy": tp.sum(-1) / np.maximum(n, 1), "balanced_accuracy": balanced,
             "macro_f1": rates["f1"].mean(-1), "qwk": qwk}
