@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.apply_environment()
         tuning = load_tuning(settings.space, settings.overlay())
         stage_one_results(settings.workdir)  # a workdir without them is answered before anything heavy loads
+        log.info("Loading torch, timm, Nevergrad and pytorch-grad-cam")  # seconds on a CPU: say so, not nothing
         from finetune.pipeline import run_finetune  # torch, timm and Nevergrad load only once there is work to do
 
         imports_done()

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.apply_environment()
         if not settings.backbones:  # the workdir's caches are what it profiles: checked before anything heavy loads
             complete_caches(settings.workdir)
+        log.info("Loading torch, timm and ONNX Runtime")  # seconds on a CPU: say so, not nothing
         from profiling.pipeline import run_profiling  # torch, timm and ONNX load only once there is work to do
 
         imports_done()
