@@ -4,7 +4,8 @@ Per epoch: enter the unfreezing stage; train (from the feature cache while the
 whole backbone is frozen, else through the model on augmented images); validate;
 keep the best epoch's weights (``best_model.pt``); write ``metrics.csv``; save
 ``last.pt`` (model, optimizer, counters) so an interrupted trial resumes at the next
-epoch. A non-finite loss, an out-of-memory error or any crash ends the trial as
+epoch. Each epoch draws its randomness (batch order, augmentation, dropout, drop-path) from the trial's seed
+and the epoch alone, so a resumed trial trains exactly as an uninterrupted one. A non-finite loss, an out-of-memory error or any crash ends the trial as
 *failed* with its reason; the study goes on.
 """
 
@@ -14,8 +15,10 @@ import contextlib
 import json
 import logging
 import math
+import random
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -171,6 +174,25 @@ class _Trial:
             raise TrialFailed(f"diverged: non-finite training loss ({loss.item()}) at epoch {epoch}, step {step}")
         self.scaler.scale(loss / self.opts.accum_steps).backward()
 
+    @contextlib.contextmanager
+    def _epoch_randomness(self, epoch: int) -> Iterator[None]:
+        """torch's, numpy's and Python's global generators seeded from (seed, epoch) for one epoch, and given back
+        afterwards. Dropout, drop-path and augmentation in this process (timm's transforms use ``random``) draw
+        from them; seeded once per process instead, an epoch would depend on everything drawn before it: on
+        which trials ran earlier, and on whether the trial was resumed. Loader workers are seeded by the
+        loader's own generator. Trials in parallel threads share these generators and stay unrepeatable."""
+        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[self.device] if self.cuda else []):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            try:
+                yield
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
     # ------------------------------------------------------------------ one epoch
     def _train_from_cache(self, epoch: int) -> float:
         """The backbone is frozen: its outputs are the cached features, so only the head runs."""
@@ -285,7 +307,8 @@ class _Trial:
             te = time.perf_counter()
             self.unfreezer.apply(epoch)
             from_cache = self.unfreezer.unfrozen == 0 and self.opts.frozen_from_cache
-            train_loss = self._train_from_cache(epoch) if from_cache else self._train_on_images(epoch)
+            with self._epoch_randomness(epoch):
+                train_loss = self._train_from_cache(epoch) if from_cache else self._train_on_images(epoch)
             val_loss, proba = self._validate(from_cache=from_cache)
             if not math.isfinite(val_loss):
                 raise TrialFailed(f"diverged: non-finite validation loss at epoch {epoch}")

@@ -211,6 +211,34 @@ def test_interrupted_trial_resumes_at_the_next_epoch(target_and_data, tmp_path: 
     assert written == [1, 2, 3]
 
 
+def test_a_resumed_trial_trains_exactly_as_an_uninterrupted_one(target_and_data, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each epoch's randomness (augmentation, dropout, drop-path, batch order) comes from the trial's seed and
+    the epoch, not from what ran before it in the process: stopping after epoch 1 and resuming gives the same
+    weights and the same metrics, bit for bit, as one run."""
+    target, data, metric = target_and_data
+    tuning = load_tuning(overlay={**SEARCH, "train": {**SEARCH["train"], "patience": 5},
+                                  "defaults": {**SEARCH["defaults"], "drop_rate": 0.3, "drop_path_rate": 0.2},
+                                  "augment": {**SEARCH["augment"], "hflip": 0.5}})
+    setup = TrialSetup(metric, torch.device("cpu"))
+    whole = run_trial(target, data, tuning.defaults, tuning, tmp_path / "whole", setup)
+    stop, _ = stop_after_epoch_1(monkeypatch)
+    with pytest.raises(StudyStopped):
+        run_trial(target, data, tuning.defaults, tuning, tmp_path / "resumed", setup, stop=stop)
+    torch.rand(100)  # whatever else the process drew in between
+    resumed = run_trial(target, data, tuning.defaults, tuning, tmp_path / "resumed", setup)
+    assert (resumed.metric, resumed.best_epoch, resumed.epochs) == (whole.metric, whole.best_epoch, whole.epochs)
+
+    def rows(folder: str) -> list[list[str]]:  # every column but the epoch's seconds
+        lines = [line.split(",") for line in (tmp_path / folder / "metrics.csv").read_text().splitlines()]
+        keep = [i for i, name in enumerate(lines[0]) if name != "seconds"]
+        return [[line[i] for i in keep] for line in lines]
+
+    assert rows("resumed") == rows("whole")
+    a, b = (load_checkpoint(tmp_path / f / "best_model.pt")[0].state_dict() for f in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_truncated_last_checkpoint_restarts_the_trial_instead_of_failing_it(target_and_data, tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch,
                                                                             caplog: pytest.LogCaptureFixture) -> None:
