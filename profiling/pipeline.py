@@ -38,6 +38,12 @@ from runtime.images import IMAGE_SUFFIXES, load_rgb
 
 log = logging.getLogger(__name__)
 
+# How far under the roofline floor a p50 must be to be flagged. The floor's peak is itself a measurement (the best
+# rate seen in a second or two of matrix multiplies) that moves by 10-20% with a shared host's load, and a network
+# can run at the machine's true peak: the demo's ResNet-10t at batch 8 measured 29.0 ms against a 29.2 ms floor.
+# What the flag is for, a FLOP count off by 2x or a timing that skipped the work, lands far below it.
+FLOOR_TOLERANCE = 0.8
+
 
 def targets_from_caches(workdir: Path) -> list[Unit]:
     """What `extract` cached in ``workdir``: the same model, weights and preprocessing."""
@@ -181,13 +187,13 @@ def profile_target(target: Unit, settings: ProfilingSettings, bench: Bench) -> l
             "export_seconds": exported.seconds, "max_rel_error": rel, "weights": target.weights.tag,
             "untrained_modules": len(untrained), "roofline_floor_ms": floor_ms,
             "floor_fraction": floor_ms / ort_stats.p50_ms if ort_stats.p50_ms else None,
-            "below_floor": ort_stats.p50_ms < floor_ms, "session_options": session_info,
+            "below_floor": ort_stats.p50_ms < FLOOR_TOLERANCE * floor_ms, "session_options": session_info,
         })
         if ort_stats.noisy:
             log.warning("%s batch %d: noisy measurement (CV %.0f%%)", target.name, bs, 100 * ort_stats.cv)
-        if ort_stats.p50_ms < floor_ms:
-            log.warning("%s batch %d: p50 %.3f ms is below the roofline floor %.3f ms — a counting or timing error",
-                        target.name, bs, ort_stats.p50_ms, floor_ms)
+        if ort_stats.p50_ms < FLOOR_TOLERANCE * floor_ms:
+            log.warning("%s batch %d: p50 %.3f ms is %.0f%% below the roofline floor %.3f ms — a counting or timing "
+                        "error", target.name, bs, ort_stats.p50_ms, 100 * (1 - ort_stats.p50_ms / floor_ms), floor_ms)
     return records
 
 
