@@ -83,10 +83,26 @@ class CommandSettings(Settings):
             os.environ["HDF5_USE_FILE_LOCKING"] = "FALSE"
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The settings model a field holds, directly or as the items of a list or mapping (``list[Entry] | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for arg in typing.get_args(annotation) if (m := _model_in(arg)) is not None), None)
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that a location's last key belongs to; list indices and mapping keys on the way are skipped."""
+    at: type[BaseModel] | None = model
+    for part in loc:
+        if at is not None and isinstance(part, str) and part in at.model_fields:
+            at = _model_in(at.model_fields[part].annotation)
+    return at
+
+
 def error_lines(exc: ValidationError, name: Callable[[tuple[Any, ...]], str], known: Any = None) -> str:
     """pydantic's errors as ``KEY: message (got VALUE)``, one per line; ``name`` spells a location.
 
-    ``known`` (the model) lets an unknown top-level key list the known ones.
+    ``known`` (the model) lets an unknown key list the known ones of the mapping it was found in.
     """
     lines = []
     for err in exc.errors(include_url=False):
@@ -94,8 +110,8 @@ def error_lines(exc: ValidationError, name: Callable[[tuple[Any, ...]], str], kn
         got = "" if err["type"] in ("missing", "extra_forbidden") or not err["loc"] else f" (got {err['input']!r})"
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-            if known is not None and len(err["loc"]) == 1:
-                msg += f"; known: {', '.join(known.model_fields)}"
+            if known is not None and (where := _model_at(known, tuple(err["loc"][:-1]))) is not None:
+                msg += f"; known: {', '.join(where.model_fields)}"
         elif err["type"] == "missing":
             msg = "required"
         key = name(tuple(err["loc"]))
@@ -123,7 +139,7 @@ def validate(model: type[M], data: Mapping[str, Any], where: str = "") -> M:
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(error_lines(exc, dotted(where))) from None
+        raise ConfigError(error_lines(exc, dotted(where), known=model)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

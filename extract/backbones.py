@@ -12,7 +12,8 @@ from typing import Any
 import timm
 
 from configs import config_file
-from configs.settings import ConfigError, read_yaml
+from configs.backbones import BackboneEntry, BackbonesFile
+from configs.settings import ConfigError, read_yaml, validate
 from runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,86 +44,21 @@ class BackboneSpec:
         return self.model.split(".", 1)[0]
 
 
-ENTRY_KEYS = {"model", "name", "kwargs", "weights", "preprocess", "allow_partial"}
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
-CROP_MODES = ("center", "squash", "border")
-
-
-def _flag(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise BackboneError(f"{where}: expected true or false, got {value!r}")
-    return value
-
-
-def _triple(value: Any, where: str, positive: bool) -> list[float]:
-    values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    if (not isinstance(values, list) or len(values) != 3
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-            or (positive and min(values) <= 0)):
-        raise BackboneError(f"{where}: expected a number or a list of three{' positive' if positive else ''} numbers "
-                            f"(R, G, B), got {value!r}")
-    return [float(v) for v in values]
-
-
-def _preprocess(raw: Any, where: str) -> dict[str, Any]:
-    """Validated overrides of timm's data config for one backbone's weights."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise BackboneError(f"{where}: expected a mapping with mean, std, interpolation, crop_pct, crop_mode")
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in ("mean", "std"):
-            out[key] = _triple(value, f"{where}.{key}", positive=key == "std")
-        elif key == "interpolation" and value in INTERPOLATIONS:
-            out[key] = value
-        elif key == "crop_mode" and value in CROP_MODES:
-            out[key] = value
-        elif key == "crop_pct" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
-            out[key] = float(value)
-        elif key in ("interpolation", "crop_mode", "crop_pct"):
-            allowed = {"interpolation": f"one of {', '.join(INTERPOLATIONS)}", "crop_mode": f"one of {', '.join(CROP_MODES)}",
-                       "crop_pct": "a number in (0, 1]"}[key]
-            raise BackboneError(f"{where}.{key}: must be {allowed}, got {value!r}")
-        else:
-            raise BackboneError(f"{where}: unknown key '{key}'; known: mean, std, interpolation, crop_pct, crop_mode")
-    return out
-
-
-def _spec_from_entry(entry: Any, where: str, base: Path) -> BackboneSpec:
-    if isinstance(entry, str):
-        return BackboneSpec(model=entry)
-    if isinstance(entry, dict):
-        unknown = set(entry) - ENTRY_KEYS
-        if unknown or "model" not in entry:
-            raise BackboneError(f"{where}: an entry needs 'model' and may have {', '.join(sorted(ENTRY_KEYS - {'model'}))}; "
-                                f"got {sorted(entry)}")
-        weights = entry.get("weights")
-        return BackboneSpec(
-            model=str(entry["model"]),
-            name=str(entry.get("name") or entry["model"]),
-            kwargs=dict(entry.get("kwargs") or {}),
-            weights=(base / Path(weights).expanduser()) if weights else None,
-            preprocess=_preprocess(entry.get("preprocess"), f"{where}.preprocess"),
-            allow_partial=_flag(entry.get("allow_partial", False), f"{where}.allow_partial"),
-        )
-    raise BackboneError(f"{where}: entry {entry!r} is neither a timm name nor a mapping")
+def _spec(entry: BackboneEntry, base: Path) -> BackboneSpec:
+    return BackboneSpec(model=entry.model, name=entry.name or entry.model, kwargs=dict(entry.kwargs),
+                        weights=base / entry.weights.expanduser() if entry.weights else None,
+                        preprocess=entry.preprocess.model_dump(mode="json", exclude_none=True),
+                        allow_partial=entry.allow_partial)
 
 
 def load_sets(path: Path | None = None) -> dict[str, list[BackboneSpec]]:
     """The named sets of a backbones YAML file (the shipped one by default)."""
     path = Path(path) if path else config_file("backbones.yaml")
     try:
-        data = read_yaml(path, "backbones file")
+        sets = validate(BackbonesFile, read_yaml(path, "backbones file"), f"{path}:").sets
     except ConfigError as exc:
         raise BackboneError(str(exc)) from None
-    sets = data.get("sets")
-    if not isinstance(sets, dict):
-        raise BackboneError(f"{path}: expected a top-level 'sets:' mapping of name -> list of backbones")
-    return {
-        name: [_spec_from_entry(e, f"{path}: sets.{name}[{i}]", path.parent) for i, e in enumerate(entries or [])]
-        for name, entries in sets.items()
-    }
+    return {name: [_spec(e, path.parent) for e in entries or []] for name, entries in sets.items()}
 
 
 def _suggest(name: str) -> str:

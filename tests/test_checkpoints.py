@@ -116,7 +116,13 @@ def test_preprocessing_set_per_backbone(tmp_path: Path) -> None:
     assert preprocessing(BackboneSpec(model=MODEL), 64)[0]["mean"] != [0.1, 0.2, 0.3]
     for bad, match in [("{mean: [0.5, 0.5]}", "preprocess.mean"), ("{std: 0}", "preprocess.std"),
                        ("{interpolation: cubic}", "preprocess.interpolation"), ("{crop_pct: 2}", "preprocess.crop_pct"),
-                       ("{scale: 1}", "unknown key 'scale'")]:
+                       ("{mean: true}", "preprocess.mean: expected a number or a list of three"),
+                       ("{scale: 1}", r"preprocess\.scale: unknown key; known: mean, std, interpolation, crop_pct")]:
         (tmp_path / "b.yaml").write_text(f"sets:\n  s:\n    - {{model: {MODEL}, preprocess: {bad}}}\n")
         with pytest.raises(BackboneError, match=match):
             load_sets(tmp_path / "b.yaml")
+    # One number is the same for R, G and B; what is not given is left to timm's data config.
+    (tmp_path / "b.yaml").write_text(f"sets:\n  s:\n    - {{model: {MODEL}, preprocess: {{std: 0.5, crop_mode: squash}}}}\n")
+    spec, = load_sets(tmp_path / "b.yaml")["s"]
+    assert spec.preprocess == {"std": [0.5, 0.5, 0.5], "crop_mode": "squash"}
+    assert preprocessing(spec, 64)[0]["std"] == [0.5] * 3
