@@ -44,11 +44,11 @@ class BackboneEntry(Settings):
     """the timm name with its pretrained tag, e.g. ``resnet50.a1_in1k``"""
     name: str | None = None
     """what the backbone is called in caches and tables (default: ``model``)"""
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] | None = None
     """keyword arguments for ``timm.create_model`` (e.g. attention blocks)"""
     weights: Path | None = None
     """a local weights file or folder, relative to the backbones file (overrides the hub)"""
-    preprocess: Preprocess = Preprocess()
+    preprocess: Preprocess | None = None
     allow_partial: StrictBool = False
     """load a weights file that misses some tensors (they stay random, and are reported)"""
 

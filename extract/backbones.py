@@ -45,10 +45,10 @@ class BackboneSpec:
 
 
 def _spec(entry: BackboneEntry, base: Path) -> BackboneSpec:
-    return BackboneSpec(model=entry.model, name=entry.name or entry.model, kwargs=dict(entry.kwargs),
+    preprocess = entry.preprocess.model_dump(mode="json", exclude_none=True) if entry.preprocess else {}
+    return BackboneSpec(model=entry.model, name=entry.name or entry.model, kwargs=dict(entry.kwargs or {}),
                         weights=base / entry.weights.expanduser() if entry.weights else None,
-                        preprocess=entry.preprocess.model_dump(mode="json", exclude_none=True),
-                        allow_partial=entry.allow_partial)
+                        preprocess=preprocess, allow_partial=entry.allow_partial)
 
 
 def load_sets(path: Path | None = None) -> dict[str, list[BackboneSpec]]:
