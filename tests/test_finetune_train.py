@@ -211,16 +211,18 @@ def test_interrupted_trial_resumes_at_the_next_epoch(target_and_data, tmp_path: 
     assert written == [1, 2, 3]
 
 
-def test_a_resumed_trial_trains_exactly_as_an_uninterrupted_one(target_and_data, tmp_path: Path,
+@pytest.mark.parametrize("data_workers", [0, 2], ids=["augmented-here", "augmented-in-workers"])
+def test_a_resumed_trial_trains_exactly_as_an_uninterrupted_one(target_and_data, tmp_path: Path, data_workers: int,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Each epoch's randomness (augmentation, dropout, drop-path, batch order) comes from the trial's seed and
     the epoch, not from what ran before it in the process: stopping after epoch 1 and resuming gives the same
-    weights and the same metrics, bit for bit, as one run."""
+    weights and the same metrics, bit for bit, as one run; with the images augmented in this process or in
+    loader workers (the command's default)."""
     target, data, metric = target_and_data
     tuning = load_tuning(overlay={**SEARCH, "train": {**SEARCH["train"], "patience": 5},
                                   "defaults": {**SEARCH["defaults"], "drop_rate": 0.3, "drop_path_rate": 0.2},
                                   "augment": {**SEARCH["augment"], "hflip": 0.5}})
-    setup = TrialSetup(metric, torch.device("cpu"))
+    setup = TrialSetup(metric, torch.device("cpu"), data_workers=data_workers)
     whole = run_trial(target, data, tuning.defaults, tuning, tmp_path / "whole", setup)
     stop, _ = stop_after_epoch_1(monkeypatch)
     with pytest.raises(StudyStopped):
