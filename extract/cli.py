@@ -34,14 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve(ExtractSettings, "extract", args.config, given(args))
         settings.apply_environment()
-        from extract.dataset import dataset_for, decode_workers
+        from extract.dataset import decode_workers, images_for
 
-        dataset = dataset_for(settings)  # a bad --data is reported before torch and timm load (seconds)
+        images_for(settings)  # a bad --data is reported before torch and timm load (seconds)
         from extract.pipeline import extract_features
 
         imports_done()
 
-        results = extract_features(settings, dataset)
+        results = extract_features(settings)
         used = settings.model_copy(update={"workers": decode_workers(settings)})  # the record says what was used
         # after the results, inside the try: a full disk here is the same one-line error as anywhere else
         write_resolved(settings.workdir, "extract", used)

@@ -239,17 +239,10 @@ def _digest(obj: Any) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_dataset(
-    data: str,
-    *,
-    workdir: Path,
-    seed: int = 0,
-    split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
-    fold: int | None = None,
-    max_unreadable: float = 0.01,
-    workers: int = 4,
-) -> Dataset:
-    """Resolve ``data`` (folder, CSV or ``demo``), check every file, split, fingerprint, write ``dataset.json``."""
+def find_images(data: str, *, workdir: Path, fold: int | None = None
+                ) -> tuple[Path, str, list[tuple[Path, str, str | None]], list[str]]:
+    """The images ``data`` names (folder, CSV or ``demo``) as (root, source, (path, class, split) entries, classes),
+    listed but not read: seconds even for a large dataset, so that a wrong ``--data`` is answered at once."""
     if data == "demo":
         root = materialise_demo(workdir / "data" / "demo")
         source = "demo"
@@ -272,6 +265,25 @@ def load_dataset(
     if not entries:
         raise DatasetError(f"--data {data}: no images found")
 
+    missing = [str(p) for p, _, _ in entries if not p.is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} listed file(s) do not exist, e.g. {missing[:3]}. Fix the paths (CSV paths are relative to the CSV).")
+    return root, source, entries, classes
+
+
+def load_dataset(
+    data: str,
+    *,
+    workdir: Path,
+    seed: int = 0,
+    split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    fold: int | None = None,
+    max_unreadable: float = 0.01,
+    workers: int = 4,
+) -> Dataset:
+    """Resolve ``data`` (folder, CSV or ``demo``), check every file, split, fingerprint, write ``dataset.json``."""
+    root, source, entries, classes = find_images(data, workdir=workdir, fold=fold)
+
     def rel_id(p: Path) -> str:
         p = p.resolve()
         try:
@@ -279,9 +291,6 @@ def load_dataset(
         except ValueError:
             return p.as_posix()
 
-    missing = [str(p) for p, _, _ in entries if not p.is_file()]
-    if missing:
-        raise DatasetError(f"{len(missing)} listed file(s) do not exist, e.g. {missing[:3]}. Fix the paths (CSV paths are relative to the CSV).")
     ids = [rel_id(p) for p, _, _ in entries]
     dupes = [i for i, n in Counter(ids).items() if n > 1]
     if dupes:
@@ -364,6 +373,12 @@ def default_workers() -> int:
 
 def decode_workers(settings: ExtractSettings) -> int:
     return default_workers() if settings.workers is None else settings.workers
+
+
+def images_for(settings: ExtractSettings) -> None:
+    """Check that ``settings.data`` names images (:func:`find_images`) without reading them."""
+    with exclusive(settings.workdir, "dataset", wait=True):  # the demo images may be written here
+        find_images(settings.data, workdir=settings.workdir, fold=settings.fold)
 
 
 def dataset_for(settings: ExtractSettings) -> Dataset:

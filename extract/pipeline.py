@@ -57,18 +57,17 @@ def plan_units(settings: ExtractSettings) -> list[Unit]:
     return units
 
 
-def extract_features(settings: ExtractSettings, dataset: Dataset | None = None) -> list[ExtractResult]:
+def extract_features(settings: ExtractSettings) -> list[ExtractResult]:
     """Run every selected backbone over ``settings.data`` once (per image size) and cache the features:
-    in this process, or one job per cache (``settings.executor``; `extract.jobs`).
-
-    ``dataset``: ``dataset_for(settings)`` when the caller has read it already.
-    """
+    in this process, or one job per cache (``settings.executor``; `extract.jobs`)."""
     s = settings
-    dataset = dataset or dataset_for(s)
+    # The backbones first: a wrong name or backbones file is answered before every image is read and decoded
+    # (minutes for a large dataset the first time).
+    units = plan_units(s)
+    dataset = dataset_for(s)
     counts = {split: sum(c.values()) for split, c in dataset.counts().items()}
     log.info("Dataset: %d images, %d classes (%s); train %d, val %d, test %d",
              len(dataset.samples), len(dataset.classes), dataset.source, counts["train"], counts["val"], counts["test"])
-    units = plan_units(s)
     if not s.pretrained:
         log.warning("--no-pretrained: every backbone uses RANDOM weights; features say nothing about pretrained quality")
     if s.executor != "local":

@@ -19,6 +19,7 @@ from conftest import make_image
 from cache import CacheError, list_caches, open_cache
 from cache.writer import CacheWriter
 from configs.extract import ExtractSettings
+from extract.backbones import BackboneError
 from extract.cli import main
 from extract.models import RANDOM_INIT_SEED
 from extract.pipeline import extract_features
@@ -281,6 +282,25 @@ def test_views_maps_and_resolution_sweep(image_folder: Path, extract_kwargs: dic
         assert len(fc.load("val", views=True).labels) == fc.split_counts()["val"]  # no views for val
     with open_cache(results[1].path) as fc:
         assert fc.load("val", maps=True).maps.shape[2:] == (6, 6)
+
+
+def test_a_wrong_backbone_is_answered_before_any_image_is_read(image_folder: Path, extract_kwargs: dict,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fingerprinting and decoding every image takes minutes on a large dataset: a typo in --backbones or a bad
+    backbones file must not wait for it."""
+    import extract.dataset
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an image was read before the backbones were checked")
+
+    monkeypatch.setattr(extract.dataset, "_file_digest", no_reading)
+    monkeypatch.setattr(extract.dataset, "check_readable", no_reading)
+    with pytest.raises(BackboneError, match="Did you mean: resnet50"):
+        extract_features(ExtractSettings(data=str(image_folder), **{**extract_kwargs, "backbones": ["resnet5O"]}))
+    (tmp_path / "b.yaml").write_text("sets:\n  mine:\n    - {model: resnet50.a1_in1k, preprocess: {std: 0}}\n")
+    with pytest.raises(BackboneError, match=r"sets\.mine\[0\]\.preprocess\.std"):
+        extract_features(ExtractSettings(data=str(image_folder), **{**extract_kwargs, "backbones": ["mine"],
+                                                                     "backbones_file": tmp_path / "b.yaml"}))
 
 
 def test_cli_end_to_end_and_errors(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
