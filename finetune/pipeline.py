@@ -204,8 +204,9 @@ def run_finetune(settings: FinetuneSettings, tuning: TuningConfig) -> FinetuneOu
                        progress=s.progress)
     out = workdir / "finetune"
     optimizer, budget = s.optimizer, s.budget
-    log.info("Fine-tuning %d backbone(s) on %s: %s; %s search, budget %d, selection by validation %s",
-             len(targets), dev, ", ".join(t.name for t in targets), optimizer, 1 if optimizer == "none" else budget, metric)
+    search = "no search (the default configuration)" if optimizer == "none" else f"{optimizer} search, budget {budget}"
+    log.info("Fine-tuning %d backbone(s) on %s: %s; %s, selection by validation %s",
+             len(targets), dev, ", ".join(t.name for t in targets), search, metric)
     results, studies = [], []
     for target in targets:
         if target.record["weights"] == "random":

@@ -226,6 +226,9 @@ class Study:
         candidate = opt.ask()
         if self.delegate is None:
             self.delegate = delegated_name(opt)
+            if self.kind == "none":  # one trial, the suggested default: the optimizer proposes nothing
+                log.info("No search: one trial of the default configuration")
+                return candidate
             log.info("Search: %s over %d hyperparameters, budget %d, %d worker(s); optimizer %s%s", self.kind,
                      len(self.tuning.space), self.budget, self.workers, type(opt).__name__,
                      f" (delegates to {self.delegate})" if self.delegate != type(opt).__name__ else "")

@@ -88,9 +88,12 @@ def test_first_trial_is_the_default_and_the_delegate_is_logged(tmp_path: Path, c
     assert [e["event"] for e in events(tmp_path / "s")].count("end") == 4
 
 
-def test_optimizer_none_and_random(tmp_path: Path) -> None:
+def test_optimizer_none_and_random(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     tuning = load_tuning()
-    assert len(Study(tmp_path / "none", tuning, optimizer="none", budget=10).run(ok)) == 1
+    with caplog.at_level("INFO"):
+        (only,) = Study(tmp_path / "none", tuning, optimizer="none", budget=10).run(ok)
+    assert only.point == pytest.approx(tuning.default_point())
+    assert "No search: one trial of the default configuration" in caplog.text and "delegates to" not in caplog.text
     random_trials = Study(tmp_path / "random", tuning, optimizer="random", budget=3).run(ok)
     assert random_trials[0].point == pytest.approx(tuning.default_point())
     assert len({json.dumps(t.point) for t in random_trials}) == 3
