@@ -382,8 +382,8 @@ def images_for(settings: ExtractSettings) -> None:
 
 
 def dataset_for(settings: ExtractSettings) -> Dataset:
-    """``settings.data`` read, checked and split as ``settings`` say (before any model is loaded, so a bad
-    ``--data`` is reported at once)."""
+    """``settings.data`` read, checked and split as ``settings`` say: every file fingerprinted, and decoded the first
+    time (minutes for a large dataset; :func:`images_for` answers a wrong ``--data`` at once)."""
     # dataset.json and the demo images are shared by every process on the workdir: one writes them at a time.
     with exclusive(settings.workdir, "dataset", wait=True):
         return load_dataset(settings.data, workdir=settings.workdir, seed=settings.seed,

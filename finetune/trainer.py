@@ -4,9 +4,10 @@ Per epoch: enter the unfreezing stage; train (from the feature cache while the
 whole backbone is frozen, else through the model on augmented images); validate;
 keep the best epoch's weights (``best_model.pt``); write ``metrics.csv``; save
 ``last.pt`` (model, optimizer, counters) so an interrupted trial resumes at the next
-epoch. Each epoch draws its randomness (batch order, augmentation, dropout, drop-path) from the trial's seed
-and the epoch alone, so a resumed trial trains exactly as an uninterrupted one. A non-finite loss, an out-of-memory error or any crash ends the trial as
-*failed* with its reason; the study goes on.
+epoch. Each epoch draws its randomness (batch order, augmentation, dropout, drop-path)
+from the trial's seed and the epoch alone, so a resumed trial trains exactly as an
+uninterrupted one. A non-finite loss, an out-of-memory error or any crash ends the
+trial as *failed* with its reason; the study goes on.
 """
 
 from __future__ import annotations
