@@ -333,6 +333,13 @@ class _Trial:
                 self.bad_epochs += 1
             write_csv(self.folder / "metrics.csv", self.history)
             self._save_last(epoch)
+            # An epoch's result at INFO: a trial takes minutes, and with --no-progress (a batch job's log) this line is
+            # all that shows it is alive and where it stands.
+            log.info("%s %s epoch %d/%d (%s): train loss %.4f, val loss %.4f, val %s %.4f%s; %.0fs", self.target.name,
+                     self.folder.name, epoch, self.opts.epochs - 1,
+                     "head, from the cache" if from_cache else f"{self.unfreezer.unfrozen} block(s) unfrozen",
+                     train_loss, val_loss, self.metric, value, " (best so far)" if self.best_epoch == epoch else "",
+                     row["seconds"])
             log.debug("%s epoch %d: %s", self.folder.name, epoch, row)
             stopped_early = self.bad_epochs >= self.opts.patience
         if not self.opts.keep_last:

@@ -133,9 +133,17 @@ def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
     assert not torch.allclose(random_model.head.fc.weight, model.head.fc.weight)
 
 
-def test_trial_trains_stages_writes_outputs_and_reloads(target_and_data, tmp_path: Path) -> None:
-    outcome = trial(target_and_data, tmp_path / "t")
+def test_trial_trains_stages_writes_outputs_and_reloads(target_and_data, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="finetune.trainer"):
+        outcome = trial(target_and_data, tmp_path / "t")
     assert outcome.status == "ok", outcome.reason
+    # Every epoch's result is logged at INFO (with --no-progress it is all that shows a trial is alive), each new
+    # best marked, with the numbers metrics.csv keeps.
+    lines = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage() and r.levelname == "INFO"]
+    assert [line.split(" epoch ")[1].split(" ")[0] for line in lines] == ["0/2", "1/2", "2/2"]
+    assert "(head, from the cache)" in lines[0] and "1 block(s) unfrozen" in lines[1]
+    assert [i for i, line in enumerate(lines) if "(best so far)" in line][-1] == outcome.best_epoch
     rows = (tmp_path / "t" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert {"epoch", "trainable_blocks", "lr_head", "lr_min", "train_loss", "val_loss", "val_macro_f1"} <= set(header)
@@ -148,6 +156,8 @@ def test_trial_trains_stages_writes_outputs_and_reloads(target_and_data, tmp_pat
     assert config["params"]["frozen_epochs"] == 1 and config["augment"]["hflip"] == 0.0
     ckpt = torch.load(tmp_path / "t" / "best_model.pt", weights_only=True)
     assert ckpt["epoch"] == outcome.best_epoch and ckpt["val_metric"] == pytest.approx(outcome.metric)
+    val = [float(r.split(",")[header.index("val_macro_f1")]) for r in rows[1:]]
+    assert [f"val macro_f1 {v:.4f}" in line for v, line in zip(val, lines)] == [True] * 3
     model, _ = load_checkpoint(tmp_path / "t" / "best_model.pt")
     target, data, _ = target_and_data
     from finetune.trainer import predict_logits
