@@ -349,15 +349,19 @@ def train_grid(
                     window = options.smooth_epochs
                     recent[i] = (recent[i] + [score])[-window:]
                     smoothed = float(np.mean(recent[i]))
-                    # Past warm-up only (unless the head has no epoch after it), by the smoothed metric.
+                    # Past warm-up only (unless the head has no epoch after it), by the smoothed metric; patience
+                    # counts from there too (counted during warm-up, patience 1 stopped a head before its first
+                    # eligible epoch, with nothing kept).
                     eligible = epoch > min(options.warmup_epochs, configs[i].epochs - 1)
                     if eligible and ((smoothed > best[i]) if higher else (smoothed < best[i])):
                         best[i], best_epoch[i], waited[i] = smoothed, epoch, 0
                         best_layers[i] = fam.export(j)
-                    else:
+                    elif eligible:
                         waited[i] += 1
                     if epoch < configs[i].epochs and waited[i] < configs[i].patience:
                         keep.append(j)
+                    elif i not in best_layers:  # no epoch ever scored (a diverged head's NaN): it ends as it is
+                        best_layers[i], best_epoch[i] = fam.export(j), epoch
                 if len(keep) < len(fam.members):
                     if keep:
                         fam.keep(keep)

@@ -39,7 +39,7 @@ from probe.metrics import (
     fast_metric_of_heads,
     metrics_of_heads,
 )
-from probe.pipeline import probe_cache, run_probe
+from probe.pipeline import choose, probe_cache, run_probe
 from probe.train import Examples, Fit, HeadStack, products_dtype, train_grid
 from runtime.device import dtype_name, native_bfloat16
 
@@ -345,6 +345,39 @@ def test_l2_decay_optimum_is_logistic_regression() -> None:
     # Softmax is unchanged by a shift of all intercepts, and the (unpenalised) bias is fixed only up to it.
     np.testing.assert_allclose(b.numpy() - b.numpy().mean(), ref.intercept_ - ref.intercept_.mean(), atol=1e-3)
     np.testing.assert_allclose((xt @ w.T + b).softmax(1).numpy(), ref.predict_proba(xs), atol=1e-4)
+
+
+def test_heads_that_stop_leave_the_stack_and_the_rest_train_on_as_alone(workdir: Path) -> None:
+    """A head that has run its epochs or lost patience leaves its stack (weights, Adam state, dropout generator);
+    the heads still training must go on exactly as each would alone — in float32, to the last bit of rounding."""
+    heads = [HeadConfig(type="linear", lr=lr, weight_decay=1e-3, decay="l2", epochs=e, patience=p, class_weighted=cw)
+             for lr, e, p, cw in [(0.03, 2, 10, False), (0.003, 6, 10, True), (0.01, 6, 1, False), (0.1, 4, 10, False)]]
+    heads += [HeadConfig(type="mlp", hidden=(16,), lr=0.003, dropout=d, epochs=e, patience=10)
+              for d, e in [(0.3, 2), (0.0, 5), (0.5, 5)]]
+    with open_cache(workdir / "features" / "test_resnet.r160_in1k@48.h5") as fc:
+        tr, va = fc.load("train"), fc.load("val")
+    fit = Fit(options=GridTraining(batch_size=64, precision="float32"), seed=3)
+    together = train_grid(heads, tr, va, 10, fit)
+    # The stacks did shrink: heads ran different numbers of epochs (epochs 2 and 4, and patience 1 stopping one).
+    assert len({len(t.history) for t in together[:4]}) >= 3 and len({len(t.history) for t in together[4:]}) == 2
+    for config, grid_head in zip(heads, together):
+        alone = train_grid([config], tr, va, 10, fit)[0]
+        assert [h["epoch"] for h in alone.history] == [h["epoch"] for h in grid_head.history]
+        assert alone.best_epoch == grid_head.best_epoch
+        np.testing.assert_allclose(alone.val_proba, grid_head.val_proba, rtol=0, atol=1e-5)
+
+
+def test_a_diverged_head_ends_last_in_the_ranking_instead_of_failing_the_grid(workdir: Path) -> None:
+    """A head whose every epoch scores NaN (here log loss of an exploded head) never has a best epoch; it ends
+    as it is, ranked below every other head (it used to end the whole probe with a KeyError)."""
+    heads = [HeadConfig(type="linear", lr=1e38, weight_decay=0.0, epochs=3, patience=1),
+             HeadConfig(type="linear", lr=0.01, epochs=3, patience=1)]
+    with open_cache(workdir / "features" / "test_resnet.r160_in1k@48.h5") as fc:
+        tr, va = fc.load("train"), fc.load("val")
+    fit = Fit(metric="log_loss", options=GridTraining(batch_size=64, precision="float32"))
+    exploded, fine = train_grid(heads, tr, va, 10, fit)
+    assert all(np.isnan(h["val_log_loss"]) for h in exploded.history) and exploded.score == np.inf
+    assert np.isfinite(fine.score) and choose([exploded, fine], "log_loss") == 1
 
 
 @pytest.mark.parametrize(("precision", "atol"), [("float32", 1e-5), ("bfloat16", 2e-3)])
