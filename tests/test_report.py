@@ -114,6 +114,36 @@ def test_every_command_refreshes_the_report(workdir: Path, tmp_path: Path) -> No
     assert "Stage one: the probe leaderboard" in (work / REPORT).read_text()
 
 
+def test_the_leaderboard_shows_each_backbones_fastest_batch_1_latency_and_its_flops(workdir: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Stage one ranks accuracy against latency: once profiling has run, the leaderboard carries each backbone's
+    batch-1 p50 — the fastest engine's where several were timed — and its FLOPs; a record it cannot read is
+    skipped (it used to fail the whole refresh)."""
+    from probe.pipeline import refresh_leaderboard
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    (a, size_a), (b, size_b) = [(e["backbone"], e["image_size"])
+                                for e in json.loads((work / "probe" / "results.json").read_text())["leaderboard"]]
+    records = [
+        {"backbone": a, "image_size": size_a, "batch_size": 1, "p50_ms": 5.0, "gflops": 0.25},
+        {"backbone": a, "image_size": size_a, "batch_size": 1, "p50_ms": 3.0, "gflops": 0.25},  # the faster engine
+        {"backbone": a, "image_size": size_a, "batch_size": 8, "p50_ms": 1.0, "gflops": 0.25},  # not batch 1
+        {"backbone": a, "image_size": size_a + 16, "batch_size": 1, "p50_ms": 0.5, "gflops": 0.1},  # another size
+        {"backbone": b, "image_size": size_b, "batch_size": 1, "p50_ms": "not a number", "gflops": 1.0},  # skipped
+    ]
+    (work / "profiling").mkdir()
+    (work / "profiling" / "performance.json").write_text(json.dumps({"records": records}))
+    lines = refresh_leaderboard(work).leaderboard.splitlines()
+    header = next(line for line in lines if line.startswith("| rank"))
+    cells = {row.split("|")[2].strip(): [c.strip() for c in row.split("|")]
+             for row in lines if row.startswith("| ") and row.split("|")[2].strip() in (a, b)}
+    columns = [c.strip() for c in header.split("|")]
+    latency, flops = columns.index("latency p50 (ms, b=1)"), columns.index("GFLOPs")
+    assert (cells[a][latency], cells[a][flops]) == ("3.00", "0.25")
+    assert (cells[b][latency], cells[b][flops]) == ("", "")  # its only record was unreadable
+
+
 def _browser() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     problem = None if path else "no chromium on PATH; install it with `tests/browser/install.sh`"
