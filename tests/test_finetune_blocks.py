@@ -94,3 +94,17 @@ def test_unfreeze_schedule_learning_rates_and_frozen_batchnorm() -> None:
             if n in frozen_w:
                 assert torch.equal(p, frozen_w[n])
     assert u.unfrozen == len(blocks)
+
+
+def test_a_backbone_without_stochastic_depth_is_built_without_it(caplog: pytest.LogCaptureFixture) -> None:
+    """The search space has drop_path_rate, but timm's VGG (three of the `all` set) refuses the argument: it is
+    built without it, and the log says the hyperparameter is ignored."""
+    from finetune.model import _backbone
+
+    with pytest.raises(TypeError, match="drop_path_rate"):
+        timm.create_model("vgg11", pretrained=False, drop_path_rate=0.1)
+    with caplog.at_level("INFO", logger="finetune.model"):
+        model = _backbone({"model": "vgg11", "backbone": "vgg11", "weights": "random"}, drop_rate=0.2,
+                          drop_path_rate=0.1)
+    assert type(model).__name__ == "VGG" and "vgg11 has no stochastic depth; drop_path_rate ignored" in caplog.text
+    assert model.drop_rate == 0.2  # the other hyperparameter still applies
