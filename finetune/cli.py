@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     print(result.summary)
     print(f"Reports: {result.folder}/summary.md, search.png, best/, gradcam/ "
           f"(trials in {result.folder}/<backbone>@<res>/)")
+    if not any(r["best"] for r in result.results):  # as profiling does when nothing could be measured
+        log.error("No backbone has a finished trial: every trial failed (their reasons are in summary.md)")
+        return 1
     return 0
 
 

@@ -22,7 +22,7 @@ from finetune.evaluate import evaluate_test
 from finetune.gradcam import explain
 from finetune.model import RECORD_KEYS, Target, load_checkpoint
 from finetune.report import plot_searches, render_summary, stage_agreement, summary_rows
-from finetune.search import Study, TrialRecord
+from finetune.search import Study, TrialRecord, search_name
 from finetune.trainer import TrialSetup, run_trial
 from probe.classifier import load_classifier
 from probe.metrics import METRICS
@@ -120,7 +120,7 @@ def _finish(target: Target, data: FinetuneData, study: Study, trials: list[dict[
     out = settings.workdir / "finetune"
     name = target.slug
     result: dict[str, Any] = {
-        "name": target.name, "optimizer": f"{study.kind}" + (f" ({study.delegate})" if study.kind == "nevergrad" and study.delegate else ""),
+        "name": target.name, "optimizer": search_name(study),
         "ok": sum(t["status"] == "ok" for t in trials), "failed": sum(t["status"] == "failed" for t in trials),
         "failed_trials": [t for t in trials if t["status"] == "failed"], "probe": target.probe, "best": None,
         "weights": target.record["weights"]}
@@ -204,7 +204,8 @@ def run_finetune(settings: FinetuneSettings, tuning: TuningConfig) -> FinetuneOu
                        progress=s.progress)
     out = workdir / "finetune"
     optimizer, budget = s.optimizer, s.budget
-    search = "no search (the default configuration)" if optimizer == "none" else f"{optimizer} search, budget {budget}"
+    search = (f"{optimizer} search, budget {budget}" if optimizer != "none" and tuning.space
+              else "no search (the default configuration)")
     log.info("Fine-tuning %d backbone(s) on %s: %s; %s, selection by validation %s",
              len(targets), dev, ", ".join(t.name for t in targets), search, metric)
     results, studies = [], []

@@ -143,6 +143,30 @@ def delegated_name(optimizer: ng.optimizers.base.Optimizer) -> str:
     return str(info.get("sub-optim") or type(optimizer).__name__)
 
 
+class DefaultOnly:
+    """The optimizer of a study that searches nothing (``--optimizer none``, or an empty space, for which Nevergrad
+    builds no optimizer at all): its one ask is the default configuration, and what it is told changes nothing."""
+
+    def __init__(self, parametrization: ng.p.Dict, default: dict[str, Any]) -> None:
+        self.parametrization, self.default = parametrization, default
+
+    def suggest(self, point: dict[str, Any]) -> None:
+        pass
+
+    def ask(self) -> ng.p.Parameter:
+        return self.parametrization.spawn_child(new_value=self.default)
+
+    def tell(self, candidate: ng.p.Parameter, loss: float) -> None:
+        pass
+
+
+def search_name(study: Study) -> str:
+    """How a study searched, for tables: ``nevergrad (its delegate)``, ``random``, ``none``."""
+    if not study.searches:
+        return study.kind if study.kind == "none" else f"{study.kind} (empty space: the default only)"
+    return study.kind + (f" ({study.delegate})" if study.kind == "nevergrad" and study.delegate else "")
+
+
 class Study:
     """The search of one backbone; ``run`` continues wherever its trial log stopped."""
 
@@ -153,7 +177,11 @@ class Study:
         if budget < 1 or workers < 1:
             raise ConfigError(f"budget and workers must be at least 1, got {budget} and {workers}")
         self.folder, self.tuning, self.kind, self.metric, self.seed = Path(folder), tuning, optimizer, metric, seed
-        self.budget = 1 if optimizer == "none" else budget
+        self.searches = optimizer != "none" and bool(tuning.space)
+        if optimizer != "none" and not tuning.space:
+            log.warning("%s: the search space is empty, so there is nothing for a %s search to try: one trial of "
+                        "the default configuration", folder, optimizer)
+        self.budget = budget if self.searches else 1
         self.workers = min(workers, self.budget)
         self.ng_name = ng_optimizer
         self.log_path = self.folder / "trials.jsonl"
@@ -215,18 +243,20 @@ class Study:
         return (max(finished) if finished else 0.0) + FAILED_MARGIN
 
     # ------------------------------------------------------------------ running
-    def _new_optimizer(self) -> ng.optimizers.base.Optimizer:
+    def _new_optimizer(self) -> ng.optimizers.base.Optimizer | DefaultOnly:
         param = parametrization(self.tuning, self.seed)
+        if not self.searches:
+            return DefaultOnly(param, self.tuning.default_point())
         opt = make_optimizer(self.kind, self.ng_name, param, self.budget, self.workers)
         # Trial 0 is the known-good default configuration.
         opt.suggest(self.tuning.default_point())
         return opt
 
-    def _ask(self, opt: ng.optimizers.base.Optimizer) -> ng.p.Parameter:
+    def _ask(self, opt: ng.optimizers.base.Optimizer | DefaultOnly) -> ng.p.Parameter:
         candidate = opt.ask()
         if self.delegate is None:
             self.delegate = delegated_name(opt)
-            if self.kind == "none":  # one trial, the suggested default: the optimizer proposes nothing
+            if not self.searches:
                 log.info("No search: one trial of the default configuration")
                 return candidate
             log.info("Search: %s over %d hyperparameters, budget %d, %d worker(s); optimizer %s%s", self.kind,
@@ -238,7 +268,7 @@ class Study:
     def _point(candidate: ng.p.Parameter) -> dict[str, Any]:
         return {k: plain_value(v) for k, v in candidate.value.items()}
 
-    def _replay(self, opt: ng.optimizers.base.Optimizer, events: list[dict[str, Any]]) -> dict[int, ng.p.Parameter]:
+    def _replay(self, opt: ng.optimizers.base.Optimizer | DefaultOnly, events: list[dict[str, Any]]) -> dict[int, ng.p.Parameter]:
         """Feed the log back into ``opt``; returns the candidates of trials that never ended."""
         candidates: dict[int, ng.p.Parameter] = {}
         for event in events:

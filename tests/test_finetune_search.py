@@ -99,6 +99,17 @@ def test_optimizer_none_and_random(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert len({json.dumps(t.point) for t in random_trials}) == 3
 
 
+@pytest.mark.parametrize("optimizer", ["nevergrad", "random", "none"])
+def test_an_empty_space_runs_the_default_once(tmp_path: Path, optimizer: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Nevergrad builds no optimizer for a space without variables; nothing to search is one trial of the defaults."""
+    tuning = load_tuning(overlay={"space": {}})
+    with caplog.at_level("INFO"):
+        (only,) = Study(tmp_path / "s", tuning, optimizer=optimizer, budget=6).run(
+            lambda n, point, stop: TrialOutcome("ok", 0.5, best_epoch=0, epochs=1, seconds=0.0))
+    assert only.point == {} and only.status == "ok"
+    assert ("the search space is empty" in caplog.text) == (optimizer != "none")
+
+
 def test_nan_and_failed_trials_do_not_stop_the_search(tmp_path: Path) -> None:
     def objective(n: int, point: dict, stop: threading.Event) -> TrialOutcome:
         if n == 1:

@@ -268,6 +268,30 @@ def test_truncated_last_checkpoint_restarts_the_trial_instead_of_failing_it(targ
     assert "last.pt is unreadable" in caplog.text and list((tmp_path / "t").glob("last.pt.unreadable-*"))
 
 
+def test_a_command_whose_every_trial_fails_exits_1_with_the_reasons_kept(workdir: Path, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing fine-tuned is not a success: the summary keeps each failure's reason, and the exit status is 1 (as
+    profiling's when nothing could be measured). An empty search space runs the default configuration once."""
+    import shutil
+
+    import yaml
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**{k: SEARCH[k] for k in ("train", "augment")}, "space": {},
+                                     "defaults": {**SEARCH["defaults"], "lr": 1.0e30}}))
+    args = ["--workdir", str(work), "--space", str(space), "--top", "1", "--budget", "5", "--no-progress",
+            "--data-workers", "0", "--gradcam-images", "0", "--no-latency"]
+    assert finetune_main(args) == 1
+    assert "every trial failed" in caplog.text and "the search space is empty" in caplog.text
+    summary = (work / "finetune" / "summary.md").read_text()
+    assert "trial 000 failed: diverged: non-finite training loss" in summary
+    (study,) = [json.loads(line) for p in (work / "finetune").glob("*/trials.jsonl") for line in p.open()
+                if json.loads(line)["event"] == "end"]
+    assert study["status"] == "failed"  # one trial: the default, not the budget of 5
+
+
 def test_command_end_to_end_and_rerun_continues(workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import shutil
 
