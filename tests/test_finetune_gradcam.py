@@ -78,6 +78,9 @@ def test_gradcam_on_a_probe_classifier(tmp_path: Path) -> None:
     assert all(sp.get_edgecolor()[:3] == (1.0, 0.0, 0.0) and sp.get_visible()
                for sp in titled["true b / pred c"].spines.values())  # the wrong one is framed in red
     assert not titled["true a / pred a"].axison
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # a figure left open fails the next test of this worker that counts them (test_full_disk's)
 
 
 def test_gradcam_on_a_knn_probe_classifier() -> None:
