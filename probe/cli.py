@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: keep its traceback
         log.error("%s", problem)
         return 2
+    except KeyboardInterrupt:
+        log.error("Interrupted; the probe results of the last complete run are unchanged (a run publishes all at once)")
+        return 130
     print(result.leaderboard)
     print(f"Results: {result.folder}/results.csv, results.json, leaderboard.md, heads/, confusion/, history/")
     return 0

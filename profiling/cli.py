@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: keep its traceback
         log.error("%s", problem)
         return 2
+    except KeyboardInterrupt:
+        log.error("Interrupted; the last complete run's performance files are unchanged, and the ONNX exports "
+                  "that finished are reused next time")
+        return 130
     print(result["table"])
     for f in result["failures"]:
         print(f"FAILED {f['backbone']}@{f['image_size']}: {f['error']}")

@@ -862,6 +862,33 @@ def test_second_probe_on_a_workdir_is_refused_naming_the_first(workdir: Path, tm
     assert not (work / "probe").exists()
 
 
+def test_an_interrupted_probe_keeps_the_last_complete_results(workdir: Path, grid_file: Path, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the middle of the second backbone: a one-line message and status 130, not a traceback; the last
+    complete results stay as they were, and the next run is not locked out."""
+    import probe.pipeline as pipeline
+
+    work = fresh_copy(workdir, tmp_path)
+    argv = ["--workdir", str(work), "--grid", "--grid-file", str(grid_file), "--no-progress", "--bootstrap", "20"]
+    assert probe_main(argv) == 0
+    before = (work / "probe" / "results.csv").read_bytes()
+    calls, real = [], pipeline.train_grid
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_grid", interrupted)
+    assert probe_main([*argv, "--seed", "1"]) == 130
+    assert "Interrupted; the probe results of the last complete run are unchanged" in caplog.text
+    assert (work / "probe" / "results.csv").read_bytes() == before
+    monkeypatch.setattr(pipeline, "train_grid", real)
+    assert probe_main([*argv, "--seed", "1"]) == 0 and (work / "probe" / "results.csv").read_bytes() != before
+
+
 def test_confusion_matrix_shows_every_count_zeros_included() -> None:
     import matplotlib.pyplot as plt
 

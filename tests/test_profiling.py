@@ -240,3 +240,16 @@ def test_profiling_with_other_data_leaves_the_workdir_dataset_alone(tmp_path: Pa
     assert result["records"] and not result["failures"]
     assert (work / "dataset.json").read_text() == '{"root": "/elsewhere", "note": "extract wrote this"}'
     assert not (work / "data").exists()  # the demo images were not written into the workdir
+
+
+def test_an_interrupted_profiling_run_says_what_is_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C: a one-line message and status 130, not a traceback."""
+    import profiling.pipeline as pipeline
+
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_profiling", interrupted)
+    assert profiling_main(["--workdir", str(tmp_path), "--backbones", "test_resnet.r160_in1k", "--no-progress"]) == 130
+    assert "Interrupted; the last complete run's performance files are unchanged" in caplog.text
