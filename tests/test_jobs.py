@@ -39,7 +39,8 @@ def _slurm_problem() -> str | None:
         states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"sinfo failed: {exc}"
-    if not any(s.strip().rstrip("*") in ("idle", "mixed", "allocated") for s in states.splitlines()):
+    # "completing": the node is finishing a job (one an earlier test cancelled, say) and takes the next one after.
+    if not any(s.strip().rstrip("*") in ("idle", "mixed", "allocated", "completing") for s in states.splitlines()):
         return f"Slurm is installed but no node accepts jobs (sinfo: {states.strip() or 'nothing'}); run tests/slurm/start.sh"
     return None
 

@@ -810,8 +810,7 @@ def test_killed_probe_leaves_the_previous_complete_set(workdir: Path, grid_file:
         raise KeyboardInterrupt  # as a kill would, after the first backbone's new ONNX head was written
 
     monkeypatch.setattr(pipeline, "write_head_onnx", killed_after_the_first)
-    with pytest.raises(KeyboardInterrupt):
-        probe_main([*base, "--grid"])
+    assert probe_main([*base, "--grid"]) == 130  # Ctrl-C: one line, not a traceback
     after = json.loads((work / "probe" / "results.json").read_text())
     assert after == before
     for entry in after["leaderboard"]:
