@@ -106,16 +106,28 @@ def _leaderboard(workdir: Path) -> dict[str, Any] | None:
     return {"metric": metric, "rows": rows, "random": any(r["weights"] == "random" for r in rows)}
 
 
+def _finetuned(workdir: Path) -> tuple[list[str], list[str]]:
+    """The best-model folders and Grad-CAM files of the last fine-tune's backbones (its summary.json). Those of
+    backbones an earlier run fine-tuned (another --top) stay on disk, but beside this run's table they would
+    read as its results."""
+    summary = read_json(workdir / "finetune" / "summary.json")
+    results = summary.get("results", []) if isinstance(summary, dict) else []
+    best = [Path(r["best_dir"]).name for r in results if r.get("best_dir")]
+    gradcam = [Path(r[key]).name for r in results for key in ("gradcam", "gradcam_probe") if r.get(key)]
+    return best, gradcam
+
+
 def _images(workdir: Path) -> dict[str, list[dict[str, str]]]:
+    best, gradcam = _finetuned(workdir)
     groups = {
         "profiling": [(workdir / "profiling" / "pareto.png", "Accuracy against latency (profiling/pareto.png)")],
         "confusion": [(p, f"Probe confusion matrix, test split: {p.stem}")
                       for p in sorted((workdir / "probe" / "confusion").glob("*.png")) if p.stem != "top"],
         "finetune": [(workdir / "finetune" / "search.png", "Search curves (finetune/search.png)")]
-        + [(p, f"Fine-tuned confusion matrix, test split: {p.parent.name}")
-           for p in sorted((workdir / "finetune" / "best").glob("*/confusion.png"))],
-        "gradcam": [(p, f"Grad-CAM, validation images: {p.stem}")
-                    for p in sorted((workdir / "finetune" / "gradcam").glob("*.png"))],
+        + [(workdir / "finetune" / "best" / name / "confusion.png", f"Fine-tuned confusion matrix, test split: {name}")
+           for name in best],
+        "gradcam": [(workdir / "finetune" / "gradcam" / name, f"Grad-CAM, validation images: {Path(name).stem}")
+                    for name in gradcam],
     }
     return {name: [img for path, caption in items if path.is_file() and (img := _image(path, caption, workdir))]
             for name, items in groups.items()}

@@ -144,6 +144,31 @@ def test_the_leaderboard_shows_each_backbones_fastest_batch_1_latency_and_its_fl
     assert (cells[b][latency], cells[b][flops]) == ("", "")  # its only record was unreadable
 
 
+def test_the_fine_tune_images_are_those_of_the_last_runs_backbones(workdir: Path, tmp_path: Path) -> None:
+    """A fine-tune of another --top earlier left its best models and Grad-CAM grids on disk; beside the last run's
+    table, the report shows only the last run's."""
+    from PIL import Image
+
+    from report.html import render
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    out = work / "finetune"
+    for name in ("now@48", "before@48"):
+        (out / "best" / name).mkdir(parents=True)
+        (out / "gradcam").mkdir(exist_ok=True)
+        for png in (out / "best" / name / "confusion.png", out / "gradcam" / f"{name}.png",
+                    out / "gradcam" / f"{name}-probe.png"):
+            Image.new("RGB", (4, 4)).save(png)
+    (out / "summary.json").write_text(json.dumps({"metric": "macro_f1", "results": [
+        {"name": "now@48", "best_dir": "elsewhere/finetune/best/now@48", "gradcam": "x/gradcam/now@48.png",
+         "gradcam_probe": "x/gradcam/now@48-probe.png", "best": None, "probe": {}}]}))
+    page = render(work)
+    assert "Fine-tuned confusion matrix, test split: now@48" in page
+    assert "Grad-CAM, validation images: now@48" in page and "Grad-CAM, validation images: now@48-probe" in page
+    assert "before@48" not in page
+
+
 def _browser() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     problem = None if path else "no chromium on PATH; install it with `tests/browser/install.sh`"
