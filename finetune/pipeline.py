@@ -22,7 +22,7 @@ from finetune.evaluate import evaluate_test
 from finetune.gradcam import explain
 from finetune.model import RECORD_KEYS, Target, load_checkpoint
 from finetune.report import plot_searches, render_summary, stage_agreement, summary_rows
-from finetune.search import Study, TrialRecord, search_name
+from finetune.search import Study, TrialRecord, search_name, searches
 from finetune.trainer import TrialSetup, run_trial
 from probe.classifier import load_classifier
 from probe.metrics import METRICS
@@ -204,8 +204,7 @@ def run_finetune(settings: FinetuneSettings, tuning: TuningConfig) -> FinetuneOu
                        progress=s.progress)
     out = workdir / "finetune"
     optimizer, budget = s.optimizer, s.budget
-    search = (f"{optimizer} search, budget {budget}" if optimizer != "none" and tuning.space
-              else "no search (the default configuration)")
+    search = f"{optimizer} search, budget {budget}" if searches(optimizer, tuning) else "no search (the default configuration)"
     log.info("Fine-tuning %d backbone(s) on %s: %s; %s, selection by validation %s",
              len(targets), dev, ", ".join(t.name for t in targets), search, metric)
     results, studies = [], []

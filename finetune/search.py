@@ -160,6 +160,12 @@ class DefaultOnly:
         pass
 
 
+def searches(optimizer: str, tuning: TuningConfig) -> bool:
+    """Whether a study proposes anything beyond the default configuration: not with ``--optimizer none``, and not
+    over an empty space."""
+    return optimizer != "none" and bool(tuning.space)
+
+
 def search_name(study: Study) -> str:
     """How a study searched, for tables: ``nevergrad (its delegate)``, ``random``, ``none``."""
     if not study.searches:
@@ -177,8 +183,8 @@ class Study:
         if budget < 1 or workers < 1:
             raise ConfigError(f"budget and workers must be at least 1, got {budget} and {workers}")
         self.folder, self.tuning, self.kind, self.metric, self.seed = Path(folder), tuning, optimizer, metric, seed
-        self.searches = optimizer != "none" and bool(tuning.space)
-        if optimizer != "none" and not tuning.space:
+        self.searches = searches(optimizer, tuning)
+        if optimizer != "none" and not self.searches:
             log.warning("%s: the search space is empty, so there is nothing for a %s search to try: one trial of "
                         "the default configuration", folder, optimizer)
         self.budget = budget if self.searches else 1

@@ -177,6 +177,7 @@ def profile_target(target: Unit, settings: ProfilingSettings, bench: Bench) -> l
             ort_stats = measure_onnxruntime(session, batch.numpy(), **timing)
             eager = measure_eager(model, batch, device, **timing)  # the backbone: the head is not a PyTorch module here
         floor_ms = flops * bs / (peak_gflops * 1e9) * 1e3
+        below_floor = ort_stats.p50_ms < FLOOR_TOLERANCE * floor_ms
         records.append({
             "backbone": target.spec.name, "model": target.spec.model, "image_size": target.image_size, "batch_size": bs,
             "provider": session_info["providers"][0], "threads": session_info["intra_op_num_threads"],
@@ -187,11 +188,11 @@ def profile_target(target: Unit, settings: ProfilingSettings, bench: Bench) -> l
             "export_seconds": exported.seconds, "max_rel_error": rel, "weights": target.weights.tag,
             "untrained_modules": len(untrained), "roofline_floor_ms": floor_ms,
             "floor_fraction": floor_ms / ort_stats.p50_ms if ort_stats.p50_ms else None,
-            "below_floor": ort_stats.p50_ms < FLOOR_TOLERANCE * floor_ms, "session_options": session_info,
+            "below_floor": below_floor, "session_options": session_info,
         })
         if ort_stats.noisy:
             log.warning("%s batch %d: noisy measurement (CV %.0f%%)", target.name, bs, 100 * ort_stats.cv)
-        if ort_stats.p50_ms < FLOOR_TOLERANCE * floor_ms:
+        if below_floor:
             log.warning("%s batch %d: p50 %.3f ms is %.0f%% below the roofline floor %.3f ms — a counting or timing "
                         "error", target.name, bs, ort_stats.p50_ms, 100 * (1 - ort_stats.p50_ms / floor_ms), floor_ms)
     return records

@@ -106,19 +106,18 @@ def _leaderboard(workdir: Path) -> dict[str, Any] | None:
     return {"metric": metric, "rows": rows, "random": any(r["weights"] == "random" for r in rows)}
 
 
-def _finetuned(workdir: Path) -> tuple[list[str], list[str]]:
-    """The best-model folders and Grad-CAM files of the last fine-tune's backbones (its summary.json). Those of
+def _finetuned(summary: Any) -> tuple[list[str], list[str]]:
+    """The best-model folders and Grad-CAM files of the last fine-tune's backbones (its ``summary.json``). Those of
     backbones an earlier run fine-tuned (another --top) stay on disk, but beside this run's table they would
     read as its results."""
-    summary = read_json(workdir / "finetune" / "summary.json")
     results = summary.get("results", []) if isinstance(summary, dict) else []
     best = [Path(r["best_dir"]).name for r in results if r.get("best_dir")]
     gradcam = [Path(r[key]).name for r in results for key in ("gradcam", "gradcam_probe") if r.get(key)]
     return best, gradcam
 
 
-def _images(workdir: Path) -> dict[str, list[dict[str, str]]]:
-    best, gradcam = _finetuned(workdir)
+def _images(workdir: Path, finetune_summary: Any) -> dict[str, list[dict[str, str]]]:
+    best, gradcam = _finetuned(finetune_summary)
     groups = {
         "profiling": [(workdir / "profiling" / "pareto.png", "Accuracy against latency (profiling/pareto.png)")],
         "confusion": [(p, f"Probe confusion matrix, test split: {p.stem}")
@@ -133,8 +132,8 @@ def _images(workdir: Path) -> dict[str, list[dict[str, str]]]:
             for name, items in groups.items()}
 
 
-def _finetune(workdir: Path) -> dict[str, Any] | None:
-    summary = read_json(workdir / "finetune" / "summary.json")
+def _finetune(summary: Any) -> dict[str, Any] | None:
+    """The stage-two table from the fine-tune's ``summary.json`` (None before a fine-tune has run)."""
     if not isinstance(summary, dict):
         return None
     rows = []
@@ -157,12 +156,13 @@ def render(workdir: Path) -> str:
     env.filters["num"] = lambda v, digits=4: "" if v is None else f"{v:.{digits}f}"
     config = workdir / "config.yaml"
     leaderboard = _leaderboard(workdir)
-    finetune = _finetune(workdir)
+    finetune_summary = read_json(workdir / "finetune" / "summary.json")  # the table and its images: read once
+    finetune = _finetune(finetune_summary)
     random = bool(leaderboard and leaderboard["random"]) or any(
         r["weights"] == "random" for r in (finetune or {}).get("rows", []))
     return env.get_template("report.html.j2").render(
         workdir=str(workdir), written=time.strftime("%Y-%m-%d %H:%M:%S"), dataset=_dataset(workdir),
-        leaderboard=leaderboard, finetune=finetune, images=_images(workdir), random=random,
+        leaderboard=leaderboard, finetune=finetune, images=_images(workdir, finetune_summary), random=random,
         config=config.read_text() if config.is_file() else None, versions=_versions())
 
 
