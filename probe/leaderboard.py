@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from probe.metrics import METRICS
+from report.latency import latency_label
 
 
 def mark_ties(entries: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -25,32 +24,6 @@ def mark_ties(entries: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
     return ranked
 
 
-def read_profiling(workdir: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """Batch-1 latency and FLOPs per (backbone, size) from ``profiling/performance.json``, if it exists.
-
-    Expected records carry ``backbone``, ``image_size``, ``batch_size``, ``p50_ms`` and ``gflops``; the
-    fastest provider at batch size 1 is shown.
-    """
-    path = Path(workdir) / "profiling" / "performance.json"
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    records = records.get("records", records) if isinstance(records, dict) else records
-    out: dict[tuple[str, int], dict[str, Any]] = {}
-    for r in records if isinstance(records, list) else []:
-        try:
-            if int(r.get("batch_size", 1)) != 1:
-                continue
-            key = (str(r["backbone"]), int(r["image_size"]))
-            p50, _ = float(r["p50_ms"]), float(r["gflops"])  # a record without both numbers is skipped
-            if key not in out or p50 < float(out[key]["p50_ms"]):
-                out[key] = r
-        except (KeyError, TypeError, ValueError):
-            continue
-    return out
-
-
 def fmt_number(v: float | None, digits: int = 4) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -61,7 +34,9 @@ def _gap(val: float | None, test: float | None) -> str:
     return f"{val - test:+.3f}"
 
 
-def leaderboard_rows(ranked: Sequence[dict[str, Any]], metric: str, profiling: dict) -> list[dict[str, Any]]:
+def leaderboard_rows(ranked: Sequence[dict[str, Any]], metric: str,
+                     latency: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The leaderboard's rows; ``latency`` is :func:`report.latency.read_latency` of the workdir."""
     rows = []
     for e in ranked:
         lo, hi = e["test_ci"][metric]
@@ -88,10 +63,10 @@ def leaderboard_rows(ranked: Sequence[dict[str, Any]], metric: str, profiling: d
                                                  f"{fmt_number(e['logreg']['test'][metric])}"
                                                  + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
         row["params (M)"] = fmt_number(e["params"] / 1e6, 2) if e.get("params") else ""
-        prof = profiling.get((e["backbone"], e["image_size"]))
-        if profiling:
-            row["latency p50 (ms, b=1)"] = fmt_number(float(prof["p50_ms"]), 2) if prof else ""
-            row["GFLOPs"] = fmt_number(float(prof["gflops"]), 2) if prof else ""
+        prof = latency.get((e["backbone"], int(e["image_size"])))
+        if latency:
+            row[f"latency p50 (ms, {latency_label(latency)})"] = fmt_number(prof["p50_ms"], 2) if prof else ""
+            row["GFLOPs"] = fmt_number(prof["gflops"], 2) if prof else ""
         row["weights"] = e["weights"]
         rows.append(row)
     return rows

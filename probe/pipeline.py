@@ -18,12 +18,13 @@ from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
 from probe.baseline import logreg_baseline
 from probe.head_onnx import write_head_onnx
 from probe.heads import head_checkpoint
-from probe.leaderboard import leaderboard_rows, mark_ties, read_profiling
+from probe.leaderboard import leaderboard_rows, mark_ties
 from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k, metrics_of_heads
 from probe.plots import plot_confusion, plot_confusion_grid
 from probe.results import read_results
 from probe.train import Examples, Fit, TrainedHead, predict_proba, products_dtype, train_grid
 from probe.transferability import knn_loo_accuracy, logme
+from report.latency import read_latency
 from runtime.console import Phases, format_table, progress
 from runtime.device import dtype_name, pick_device
 from runtime.files import atomic_write_text, new_version, publish, save_torch, write_csv
@@ -223,7 +224,7 @@ def render_leaderboard(workdir: Path, ranked: list[dict[str, Any]], *, metric: s
                        n_heads: int, ordinal: bool, folder: Path | None = None) -> str:
     """``leaderboard.md`` in ``folder`` (``WORKDIR/probe``): the ranked entries, with latency and FLOPs where
     ``profiling/`` has them."""
-    table = format_table(leaderboard_rows(ranked, metric, read_profiling(workdir)))
+    table = format_table(leaderboard_rows(ranked, metric, read_latency(workdir)))
     # which products trained the heads: bfloat16 ones choose within seed-level noise of float32's (README)
     products = sorted({e["grid_precision"] for e in ranked if e.get("grid_precision")})
     trained = f", trained with {' and '.join(products)} products" if products else ""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from report.latency import read_latency
 from runtime.errors import is_storage_failure
 from runtime.files import atomic_write_text
 
@@ -70,27 +71,16 @@ def _dataset(workdir: Path) -> dict[str, Any] | None:
             "unreadable": record.get("unreadable") or {}}
 
 
-def _latency(workdir: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """The smallest batch's record per (backbone, size) from profiling, for the leaderboard."""
-    report = read_json(workdir / "profiling" / "performance.json") or {}
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in report.get("records", []):
-        key = (r["backbone"], str(r["image_size"]))
-        if key not in out or r["batch_size"] < out[key]["batch_size"]:
-            out[key] = r
-    return out
-
-
 def _leaderboard(workdir: Path) -> dict[str, Any] | None:
     results = read_json(workdir / "probe" / "results.json")
     if not isinstance(results, dict):
         return None
     metric = results["metric"]
-    latency = _latency(workdir)
+    latency = read_latency(workdir)
     rows = []
     for e in results.get("leaderboard", []):
         ci = (e.get("test_ci") or {}).get(metric) or [None, None]
-        timing = latency.get((e["backbone"], str(e["image_size"])), {})
+        timing = latency.get((e["backbone"], int(e["image_size"])), {})
         transfer = e.get("transfer") or {}
         logreg = e.get("logreg") if isinstance(e.get("logreg"), dict) else {}
         baseline = (logreg.get("val") or {}).get(metric)

@@ -114,23 +114,28 @@ def test_every_command_refreshes_the_report(workdir: Path, tmp_path: Path) -> No
     assert "Stage one: the probe leaderboard" in (work / REPORT).read_text()
 
 
-def test_the_leaderboard_shows_each_backbones_fastest_batch_1_latency_and_its_flops(workdir: Path,
-                                                                                     tmp_path: Path) -> None:
-    """Stage one ranks accuracy against latency: once profiling has run, the leaderboard carries each backbone's
-    batch-1 p50 — the fastest engine's where several were timed — and its FLOPs; a record it cannot read is
-    skipped (it used to fail the whole refresh)."""
+def test_both_leaderboards_show_each_backbones_fastest_smallest_batch_latency_and_its_flops(workdir: Path,
+                                                                                            tmp_path: Path) -> None:
+    """Stage one ranks accuracy against latency: once profiling has run, the probe's leaderboard.md and the report's
+    table carry the same p50 for each backbone — the smallest batch profiled, the fastest engine's where several
+    were timed — and its FLOPs; a record they cannot read is skipped (it used to fail the leaderboard's refresh,
+    and cost the report's whole refresh)."""
+    import re
+
     from probe.pipeline import refresh_leaderboard
+    from report.html import render
 
     work = tmp_path / "run"
     shutil.copytree(workdir, work)
     (a, size_a), (b, size_b) = [(e["backbone"], e["image_size"])
                                 for e in json.loads((work / "probe" / "results.json").read_text())["leaderboard"]]
     records = [
+        {"backbone": a, "image_size": size_a, "batch_size": 8, "p50_ms": 1.0, "gflops": 2.0},  # a larger batch
         {"backbone": a, "image_size": size_a, "batch_size": 1, "p50_ms": 5.0, "gflops": 0.25},
         {"backbone": a, "image_size": size_a, "batch_size": 1, "p50_ms": 3.0, "gflops": 0.25},  # the faster engine
-        {"backbone": a, "image_size": size_a, "batch_size": 8, "p50_ms": 1.0, "gflops": 0.25},  # not batch 1
         {"backbone": a, "image_size": size_a + 16, "batch_size": 1, "p50_ms": 0.5, "gflops": 0.1},  # another size
         {"backbone": b, "image_size": size_b, "batch_size": 1, "p50_ms": "not a number", "gflops": 1.0},  # skipped
+        {"backbone": b, "image_size": size_b},  # skipped
     ]
     (work / "profiling").mkdir()
     (work / "profiling" / "performance.json").write_text(json.dumps({"records": records}))
@@ -141,7 +146,18 @@ def test_the_leaderboard_shows_each_backbones_fastest_batch_1_latency_and_its_fl
     columns = [c.strip() for c in header.split("|")]
     latency, flops = columns.index("latency p50 (ms, b=1)"), columns.index("GFLOPs")
     assert (cells[a][latency], cells[a][flops]) == ("3.00", "0.25")
-    assert (cells[b][latency], cells[b][flops]) == ("", "")  # its only record was unreadable
+    assert (cells[b][latency], cells[b][flops]) == ("", "")  # its only records were unreadable
+
+    html = render(work)
+    row_of = {name: html[html.index(f'<td class="text">{name}</td>'):] for name in (a, b)}
+    p50 = {name: re.findall(r'<td data-value="([^"]*)">', row[:row.index("</tr>")])[-2] for name, row in row_of.items()}
+    assert p50 == {a: "3.0", b: ""}  # the p50 cell, before GFLOPs
+
+    # Profiled at batch 8 only: that batch's figures, and the column says so.
+    (work / "profiling" / "performance.json").write_text(json.dumps({"records": [records[0]]}))
+    lines = refresh_leaderboard(work).leaderboard.splitlines()
+    header = next(line for line in lines if line.startswith("| rank"))
+    assert "latency p50 (ms, b=8)" in header and "| 1.00 " in next(row for row in lines if f"| {a} " in row)
 
 
 def test_the_fine_tune_images_are_those_of_the_last_runs_backbones(workdir: Path, tmp_path: Path) -> None:
