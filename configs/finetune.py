@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,14 +142,54 @@ class GradcamOptions(Settings):
     target_layers: dict[str, str] = {}
 
 
-Kind = Literal["log", "float", "int", "ordered", "choice"]
+KINDS = ("log", "float", "int", "ordered", "choice")
 
 
-class Dimension(Settings):
-    """One searched hyperparameter: a range (log, float, int) or a list of values (ordered, choice)."""
+class SearchRange(Settings):
+    """One searched hyperparameter as the fine-tuning file writes it: exactly one of ``log``, ``float`` or ``int``
+    with ``[low, high]``, or ``ordered`` or ``choice`` with two values or more."""
+
+    log: tuple[float, float] | None = None
+    float_: tuple[float, float] | None = Field(None, alias="float")
+    int_: tuple[int, int] | None = Field(None, alias="int")
+    ordered: tuple[Any, ...] | None = Field(None, min_length=2)
+    choice: tuple[Any, ...] | None = Field(None, min_length=2)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchRange:
+        given = [kind for kind in KINDS if self._given(kind) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(KINDS)}; got {', '.join(given) or 'none'}")
+        if self.kind in ("log", "float", "int"):
+            low, high = self.argument
+            if not low < high or (self.kind == "log" and low <= 0):
+                raise ValueError(f"need low < high{' and low > 0' if self.kind == 'log' else ''}")
+        return self
+
+    def _given(self, kind: str) -> Any:
+        return getattr(self, kind + "_" if kind in ("float", "int") else kind)
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in KINDS if self._given(kind) is not None)
+
+    @property
+    def argument(self) -> tuple[Any, ...]:
+        """``(low, high)`` of a range, the values of a list."""
+        return self._given(self.kind)
+
+
+# What a search may change: any hyperparameter of a trial (a space's key is one of these names).
+Searchable = Literal[tuple(TrialParams.model_fields)]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched hyperparameter, checked against its type and default: a range (log, float, int) or a list of
+    values (ordered, choice) typed as the hyperparameter takes them."""
 
     name: str
-    kind: Kind
+    kind: str
     low: float | None = None
     high: float | None = None
     values: tuple[Any, ...] = ()
@@ -165,38 +206,22 @@ def _typed(name: str, value: Any, defaults: TrialParams, key: str) -> Any:
         raise ValueError(f"{key}: {exc.errors()[0]['msg']} (got {value!r})") from None
 
 
-def _dimension(name: str, raw: Any, defaults: TrialParams) -> Dimension:
-    """``{log: [low, high]}`` (etc.) for ``name``, checked against the hyperparameter's type and default."""
-    fields = TrialParams.model_fields
-    if name not in fields:
-        raise ValueError(f"space.{name}: not a searchable hyperparameter; one of {', '.join(fields)}")
-    if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in Kind.__args__:
-        raise ValueError(f"space.{name}: expected one of {{{', '.join(f'{k}: ...' for k in Kind.__args__)}}}, got {raw!r}")
-    kind, arg = next(iter(raw.items()))
-    tp = fields[name].annotation
-    default = getattr(defaults, name)
+def _dimension(name: str, searched: SearchRange, defaults: TrialParams) -> Dimension:
+    """``searched`` checked against what hyperparameter ``name`` is: its type, its range, its default."""
+    kind, default = searched.kind, getattr(defaults, name)
     if kind in ("ordered", "choice"):
-        if not isinstance(arg, list) or len(arg) < 2:
-            raise ValueError(f"space.{name}: {kind} needs a list of at least two values, got {arg!r}")
-        values = tuple(_typed(name, v, defaults, f"space.{name}.{kind}[{i}]") for i, v in enumerate(arg))
+        values = tuple(_typed(name, v, defaults, f"space.{name}.{kind}[{i}]") for i, v in enumerate(searched.argument))
         if default not in values:
             raise ValueError(f"space.{name}: the default {default!r} (defaults.{name}) is not among {list(values)}")
-        return Dimension(name=name, kind=kind, values=values)
-    try:  # YAML reads 1e-5 (no dot) as a string: numbers are taken as float() takes them
-        low, high = (float(v) for v in arg) if isinstance(arg, list) and len(arg) == 2 else (None, None)
-    except (TypeError, ValueError):
-        low = high = None
-    if low is None or high is None:
-        raise ValueError(f"space.{name}: {kind} needs [low, high], got {arg!r}")
-    if kind == "int" and tp is not int:
-        raise ValueError(f"space.{name}: int range for a {tp.__name__} hyperparameter; use float or log")
-    if kind != "int" and tp is int:
-        raise ValueError(f"space.{name}: {name} is an integer; use int: [low, high] or ordered: [...]")
-    if not low < high or (kind == "log" and low <= 0):
-        raise ValueError(f"space.{name}: need low < high{' and low > 0' if kind == 'log' else ''}, got [{low}, {high}]")
+        return Dimension(name, kind, values=values)
+    integer = TrialParams.model_fields[name].annotation is int
+    if integer != (kind == "int"):
+        raise ValueError(f"space.{name}: {name} is an integer; use int: [low, high] or ordered: [...]" if integer
+                         else f"space.{name}: int range for a float hyperparameter; use float or log")
+    low, high = searched.argument
     if not low <= default <= high:
         raise ValueError(f"space.{name}: the default {default!r} (defaults.{name}) lies outside [{low}, {high}]")
-    return Dimension(name=name, kind=kind, low=low, high=high)
+    return Dimension(name, kind, low=float(low), high=float(high))
 
 
 class TuningConfig(Settings):
@@ -204,33 +229,29 @@ class TuningConfig(Settings):
 
     train: TrainOptions = TrainOptions()
     defaults: TrialParams = TrialParams()
-    space: tuple[Dimension, ...] = ()
+    space: dict[Searchable, SearchRange] = {}  # in the file's order
     augment: Augment = Augment()
     gradcam: GradcamOptions = GradcamOptions()
     source: str = Field("", exclude=True)
 
-    @model_validator(mode="before")
+    @field_validator("space", mode="before")
     @classmethod
-    def _sections(cls, raw: Any) -> Any:
-        if not isinstance(raw, dict):
-            return raw
-        unknown = [k for k in raw if k not in (*SECTIONS, "source")]
-        if unknown:
-            raise ValueError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
-        space = raw.get("space") or {}
-        if isinstance(space, (tuple, list)):
-            return raw
-        if not isinstance(space, dict):
-            raise ValueError(f"space: expected a mapping name -> {{kind: [...]}}, got {space!r}")
-        try:
-            defaults = TrialParams.model_validate(raw.get("defaults") or {})
-        except ValueError:  # reported where the defaults section is validated
-            return {**raw, "space": ()}
-        return {**raw, "space": tuple(_dimension(name, value, defaults) for name, value in space.items())}
+    def _empty_space(cls, value: Any) -> Any:
+        return {} if value is None else value  # `space:` with nothing under it: search nothing
+
+    @model_validator(mode="after")
+    def _space_fits_the_defaults(self) -> TuningConfig:
+        self.dimensions  # noqa: B018 (each searched range checked against its hyperparameter's type and default)
+        return self
+
+    @property
+    def dimensions(self) -> tuple[Dimension, ...]:
+        """The searched hyperparameters, in the file's order."""
+        return tuple(_dimension(name, searched, self.defaults) for name, searched in self.space.items())
 
     def default_point(self) -> dict[str, Any]:
         """The defaults restricted to the searched names: the first suggestion of every search."""
-        return {d.name: getattr(self.defaults, d.name) for d in self.space}
+        return {d.name: getattr(self.defaults, d.name) for d in self.dimensions}
 
     def params(self, point: dict[str, Any]) -> TrialParams:
         """The defaults with a searched ``point`` applied."""
@@ -238,7 +259,7 @@ class TuningConfig(Settings):
 
     def to_dict(self) -> dict[str, Any]:
         return {"train": self.train.plain(), "defaults": self.defaults.plain(),
-                "space": {d.name: d.to_dict() for d in self.space}, "augment": self.augment.plain(),
+                "space": {d.name: d.to_dict() for d in self.dimensions}, "augment": self.augment.plain(),
                 "gradcam": self.gradcam.plain()}
 
     def fingerprint(self) -> str:

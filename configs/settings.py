@@ -111,7 +111,7 @@ def error_lines(exc: ValidationError, name: Callable[[tuple[Any, ...]], str], kn
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
             if known is not None and (where := _model_at(known, tuple(err["loc"][:-1]))) is not None:
-                msg += f"; known: {', '.join(where.model_fields)}"
+                msg += f"; known: {', '.join(f.alias or n for n, f in where.model_fields.items())}"
         elif err["type"] == "missing":
             msg = "required"
         key = name(tuple(err["loc"]))
@@ -125,6 +125,8 @@ def dotted(prefix: str) -> Callable[[tuple[Any, ...]], str]:
     def name(loc: tuple[Any, ...]) -> str:
         out = prefix
         for part in loc:
+            if part == "[key]":  # pydantic's mark of a mapping's key (not its value): the key itself names it
+                continue
             if isinstance(part, int):
                 out += f"[{part}]"
             else:

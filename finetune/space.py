@@ -29,7 +29,7 @@ def parameter(dim: Dimension) -> ng.p.Parameter:
 
 def parametrization(tuning: TuningConfig, seed: int) -> ng.p.Dict:
     """The space as a Nevergrad parameter with its own seeded random state (replays ask the same points)."""
-    param = ng.p.Dict(**{d.name: parameter(d) for d in tuning.space})
+    param = ng.p.Dict(**{d.name: parameter(d) for d in tuning.dimensions})
     param.random_state = np.random.RandomState(seed)
     return param
 

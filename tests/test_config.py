@@ -135,7 +135,8 @@ def test_bad_grid_file_gives_one_line_naming_the_key(tmp_path: Path, body: str, 
     ({"augment": {"hflip": 2}}, "augment.hflip: Input should be less than or equal to 1"),
     ({"space": {"lr": {"log": [1e-3, 1e-2]}}}, "space.lr: the default 0.0001 (defaults.lr) lies outside"),
     ({"space": {"batch_size": {"ordered": [32, "big"]}}}, "space.batch_size.ordered[1]: Input should be a valid integer"),
-    ({"space": {"momentum": {"float": [0, 1]}}}, "space.momentum: not a searchable hyperparameter"),
+    ({"space": {"momentum": {"float": [0, 1]}}}, "space.momentum: Input should be 'lr', 'weight_decay'"),
+    ({"space": {"lr": {"uniform": [0, 1]}}}, "space.lr.uniform: unknown key; known: log, float, int, ordered, choice"),
     ({"sapce": {}}, "unknown section 'sapce'"),
 ])
 def test_bad_tuning_file_gives_one_line_naming_the_key(tmp_path: Path, overlay: dict, key: str) -> None:

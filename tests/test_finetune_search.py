@@ -36,7 +36,7 @@ def events(folder: Path) -> list[dict]:
 
 def test_shipped_spec_and_parametrization() -> None:
     tuning = load_tuning()
-    names = {d.name for d in tuning.space}
+    names = {d.name for d in tuning.dimensions}
     assert {"lr", "weight_decay", "layer_decay", "drop_path_rate", "label_smoothing", "frozen_epochs",
             "last_block_epochs", "batch_size"} <= names
     param = parametrization(tuning, 0)
@@ -51,12 +51,15 @@ def test_shipped_spec_and_parametrization() -> None:
     ({"train": {"epoch": 3}}, "train.epoch: unknown key"),
     ({"train": {"epochs": 0}}, "train.epochs"),
     ({"defaults": {"lr": "fast"}}, "defaults.lr"),
-    ({"space": {"learning_rate": {"log": [1e-5, 1e-2]}}}, "space.learning_rate: not a searchable"),
+    ({"space": {"learning_rate": {"log": [1e-5, 1e-2]}}}, "space.learning_rate: Input should be 'lr', 'weight_decay'"),
     ({"space": {"lr": {"log": [1e-2, 1e-5]}}}, "space.lr: need low < high"),
     ({"space": {"lr": {"log": [1e-2, 1e-1]}}}, "the default 0.0001 (defaults.lr) lies outside"),
     ({"space": {"batch_size": {"ordered": [8, 16]}}}, "the default 32 (defaults.batch_size) is not among"),
     ({"space": {"frozen_epochs": {"float": [0, 3]}}}, "frozen_epochs is an integer"),
-    ({"space": {"lr": {"uniform": [0, 1]}}}, "space.lr: expected one of"),
+    ({"space": {"lr": {"uniform": [0, 1]}}}, "space.lr.uniform: unknown key; known: log, float, int, ordered, choice"),
+    ({"space": {"lr": {"log": [1e-5, 1e-2], "float": [0, 1]}}}, "space.lr: give exactly one of log, float, int"),
+    ({"space": {"batch_size": {"ordered": [32]}}}, "space.batch_size.ordered: Tuple should have at least 2 items"),
+    ({"space": {"layer_decay": {"int": [0, 1]}}}, "space.layer_decay: int range for a float hyperparameter"),
     ({"trian": {}}, "unknown section 'trian'"),
 ])
 def test_bad_spec_names_the_key(overlay: dict, message: str) -> None:
@@ -69,7 +72,7 @@ def test_overlay_merges_sections_and_replaces_the_space(tmp_path: Path) -> None:
     path.write_text("train: {epochs: 4}\nspace: {lr: {log: [1.0e-5, 1.0e-3]}}\n")
     tuning = load_tuning(path, {"augment": {"hflip": 0.0}})
     assert tuning.train.epochs == 4 and tuning.train.patience == 3  # merged key by key
-    assert [d.name for d in tuning.space] == ["lr"]  # replaced whole
+    assert [d.name for d in tuning.dimensions] == ["lr"]  # replaced whole
     assert tuning.augment.hflip == 0.0 and tuning.augment.color_jitter == 0.4
 
 
