@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -237,6 +238,44 @@ class HeadStack:
                 for w, b in zip(self.weights, self.biases)]
 
 
+@dataclass
+class _Watch:
+    """One trainable head's early stopping and epoch choice, on its validation metric smoothed over the last
+    ``window`` epochs. Only epochs past warm-up are eligible (unless the head has none after it), and patience
+    counts from there: counted during warm-up, patience 1 stopped a head before its first eligible epoch, with
+    nothing kept."""
+
+    config: HeadConfig
+    higher: bool
+    window: int
+    warmup_epochs: int
+    best: float = math.nan
+    best_epoch: int = 0
+    waited: int = 0
+    recent: list[float] = field(default_factory=list)
+    layers: list | None = None  # the best epoch's weights, per layer
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.best = -math.inf if self.higher else math.inf
+
+    def observe(self, epoch: int, score: float, export: Callable[[], list]) -> bool:
+        """Take the end of ``epoch`` (its metric ``score``; ``export`` gives the head's weights now); whether the
+        head trains on."""
+        self.recent = (self.recent + [score])[-self.window:]
+        smoothed = float(np.mean(self.recent))
+        eligible = epoch > min(self.warmup_epochs, self.config.epochs - 1)
+        if eligible and ((smoothed > self.best) if self.higher else (smoothed < self.best)):
+            self.best, self.best_epoch, self.waited, self.layers = smoothed, epoch, 0, export()
+        elif eligible:
+            self.waited += 1
+        if epoch < self.config.epochs and self.waited < self.config.patience:
+            return True
+        if self.layers is None:  # no epoch ever scored (a diverged head's NaN): it ends as it is
+            self.layers, self.best_epoch = export(), epoch
+        return False
+
+
 def _load_layers(head: nn.Module, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     with torch.no_grad():
@@ -301,12 +340,7 @@ def train_grid(
         max_epochs = max(configs[i].epochs for i in trainable)
         lr0, epochs_of = torch.tensor([c.lr for c in configs]), torch.tensor([c.epochs for c in configs])
 
-        best = {i: (-math.inf if higher else math.inf) for i in trainable}
-        recent: dict[int, list[float]] = {i: [] for i in trainable}
-        best_layers: dict[int, list] = {}
-        best_epoch = {i: 0 for i in trainable}
-        waited = {i: 0 for i in trainable}
-        history: dict[int, list[dict[str, Any]]] = {i: [] for i in trainable}
+        watch = {i: _Watch(configs[i], higher, options.smooth_epochs, options.warmup_epochs) for i in trainable}
         bar = progress_bar(total=max_epochs, desc=desc, unit="epoch", leave=False, enabled=progress)
         for epoch in range(1, max_epochs + 1):
             t0 = time.perf_counter()
@@ -331,7 +365,6 @@ def train_grid(
                     lr = epoch_lr[k, fam.index]
                     fam.optimizer_step(lr, fam.weight_decay)
                     loss_sum[id(fam)] += per_head.detach() * len(idx)
-            still_by_family = []
             for fam in families:
                 with torch.no_grad():
                     val_logits = torch.cat([fam.logits(xs_val[s:s + 8192], train=False) for s in range(0, len(xs_val), 8192)])
@@ -343,43 +376,27 @@ def train_grid(
                 train_losses, val_losses = (loss_sum[id(fam)] / n).tolist(), val_loss.tolist()
                 lr_last = epoch_lr[-1, fam.index].tolist()  # the epoch's last step (members change only between epochs)
                 for j, i in enumerate(fam.members):
-                    score = scores[j]
-                    history[i].append({"epoch": epoch, "train_loss": train_losses[j], "val_loss": val_losses[j],
-                                       f"val_{metric}": score, "lr": lr_last[j], "seconds": time.perf_counter() - t0})
-                    window = options.smooth_epochs
-                    recent[i] = (recent[i] + [score])[-window:]
-                    smoothed = float(np.mean(recent[i]))
-                    # Past warm-up only (unless the head has no epoch after it), by the smoothed metric; patience
-                    # counts from there too (counted during warm-up, patience 1 stopped a head before its first
-                    # eligible epoch, with nothing kept).
-                    eligible = epoch > min(options.warmup_epochs, configs[i].epochs - 1)
-                    if eligible and ((smoothed > best[i]) if higher else (smoothed < best[i])):
-                        best[i], best_epoch[i], waited[i] = smoothed, epoch, 0
-                        best_layers[i] = fam.export(j)
-                    elif eligible:
-                        waited[i] += 1
-                    if epoch < configs[i].epochs and waited[i] < configs[i].patience:
+                    watch[i].history.append({"epoch": epoch, "train_loss": train_losses[j], "val_loss": val_losses[j],
+                                             f"val_{metric}": scores[j], "lr": lr_last[j],
+                                             "seconds": time.perf_counter() - t0})
+                    if watch[i].observe(epoch, scores[j], lambda: fam.export(j)):
                         keep.append(j)
-                    elif i not in best_layers:  # no epoch ever scored (a diverged head's NaN): it ends as it is
-                        best_layers[i], best_epoch[i] = fam.export(j), epoch
-                if len(keep) < len(fam.members):
-                    if keep:
-                        fam.keep(keep)
-                    else:
-                        fam.members = []
-                still_by_family.append(fam)
-            families = [f for f in still_by_family if f.members]
+                if not keep:
+                    fam.members = []
+                elif len(keep) < len(fam.members):
+                    fam.keep(keep)
+            families = [f for f in families if f.members]
             bar.update(1)
             if not families:
                 break
         bar.close()
-        for i in trainable:
-            _load_layers(heads[i], best_layers[i])
+        for i, w in watch.items():
+            _load_layers(heads[i], w.layers)
             head = heads[i].eval()
             with torch.no_grad():  # = head(xv), without standardising the same features once per head
                 proba = head.classify(zv).softmax(1).numpy()
-            results[i] = TrainedHead(configs[i], head, fast_metric(metric, y_val, proba), proba, best_epoch[i], history[i],
-                                     selection_score=best[i])
+            results[i] = TrainedHead(configs[i], head, fast_metric(metric, y_val, proba), proba, w.best_epoch, w.history,
+                                     selection_score=w.best)
     return [results[i] for i in range(len(configs))]
 
 
