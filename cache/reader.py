@@ -252,6 +252,17 @@ def check_same_dataset(workdir: str | Path, paths: list[Path]) -> None:
                          f"relabels them), or move these files out of {Path(workdir) / 'features'}")
 
 
+def names_backbone(item: str, backbone: str, image_size: int) -> bool:
+    """Whether one ``--backbones`` item of a later stage names this cached backbone: its name
+    (``resnet50.a1_in1k``), the name without its pretrained tag as extract takes it (``resnet50``; not
+    ``resnet50_cbam.a1_in1k``), either with the size (``resnet50@224``), or a pattern of these (``'convnext_*'``)."""
+    names = [backbone, f"{backbone}@{image_size}"]
+    if "." not in item:  # an untagged item names the architecture, whatever weights the cache was made with
+        architecture = backbone.split(".")[0]
+        names += [architecture, f"{architecture}@{image_size}"]
+    return any(fnmatch.fnmatchcase(name, item) for name in names)
+
+
 def select_caches(workdir: str | Path, backbones: list[str] | None) -> list[Path]:
     """Complete caches of ``workdir`` matching ``backbones`` (names or patterns); clear errors otherwise."""
     entries = list_caches(workdir)
@@ -259,8 +270,7 @@ def select_caches(workdir: str | Path, backbones: list[str] | None) -> list[Path
         raise CacheError(f"no feature caches in {Path(workdir) / 'features'}. "
                          f"Run `python -m extract --data PATH|demo --workdir {workdir}` first.")
     if backbones:
-        chosen = [e for e in entries if any(fnmatch.fnmatch(e.backbone, b) or e.backbone == b or
-                                            fnmatch.fnmatch(f"{e.backbone}@{e.image_size}", b) for b in backbones)]
+        chosen = [e for e in entries if any(names_backbone(b, e.backbone, e.image_size) for b in backbones)]
         if not chosen:
             names = sorted({e.backbone for e in entries})
             raise CacheError(f"--backbones {','.join(backbones)} matches no cache in {workdir}; cached: {', '.join(names)}. "

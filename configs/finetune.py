@@ -28,7 +28,8 @@ from configs.settings import ConfigError, Settings, read_yaml, validate
 
 class FinetuneSettings(JobCommandSettings):
     top: int = Field(3, ge=1, description="fine-tune the K best backbones (x resolution) of the probe leaderboard")
-    backbones: tuple[str, ...] = Field((), description="names or patterns instead of --top",
+    backbones: tuple[str, ...] = Field((), description="names (with or without the pretrained tag, with @size) "
+                                       "or patterns instead of --top",
                                        json_schema_extra={"default_text": "the --top best"})
     optimizer: Literal["nevergrad", "random", "none"] = Field(
         "nevergrad", description="the search: Nevergrad, random search (same budget and space), or the default "

@@ -21,7 +21,8 @@ class ProbeSettings(CommandSettings):
     grid: bool = Field(False, description="train the whole grid of the grid file (else its one default head)")
     grid_file: Path | None = Field(None, description="the grid definition",
                                    json_schema_extra={"default_text": "the shipped configs/probe.yaml"})
-    backbones: tuple[str, ...] = Field((), description="cached backbone names or patterns",
+    backbones: tuple[str, ...] = Field((), description="cached backbones: names with or without the pretrained "
+                                       "tag, with @size, or patterns",
                                    json_schema_extra={"default_text": "every cache"})
     metric: Metric | None = Field(None, description="selection metric on validation",
                                   json_schema_extra={"default_text": "macro_f1; qwk with --ordinal"})

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cache import check_same_dataset
+from cache import check_same_dataset, names_backbone
 from configs.finetune import FinetuneSettings, TuningConfig
 from configs.settings import ConfigError
 from finetune.data import FinetuneData, load_data
@@ -53,8 +53,7 @@ def select_targets(workdir: Path, *, top: int, backbones: list[str] | None, metr
     higher = METRICS[metric]
     entries.sort(key=lambda e: -e["val"][metric] if higher else e["val"][metric])
     if backbones:
-        chosen = [e for e in entries if any(b in (e["backbone"], f"{e['backbone']}@{e['image_size']}")
-                                            or fnmatch.fnmatch(e["backbone"], b) for b in backbones)]
+        chosen = [e for e in entries if any(names_backbone(b, e["backbone"], e["image_size"]) for b in backbones)]
         if not chosen:
             names = ", ".join(f"{e['backbone']}@{e['image_size']}" for e in entries)
             raise ConfigError(f"--backbones {','.join(backbones)} matches nothing the probe ranked ({names})")

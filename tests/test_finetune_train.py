@@ -389,6 +389,10 @@ def test_clear_errors_without_probe_results(tmp_path: Path, workdir: Path, caplo
     caplog.clear()
     assert finetune_main(["--workdir", str(workdir), "--backbones", "vit_huge*", "--no-progress"]) == 2
     assert "matches nothing the probe ranked" in caplog.text
+    # As extract took it: without the pretrained tag (README's `--backbones convnext_tiny`), or with the size.
+    for item in ("test_resnet", "test_resnet@48"):
+        (target,), _ = select_targets(workdir, top=1, backbones=[item], metric=None)
+        assert target.record["backbone"] == "test_resnet.r160_in1k"
     with open_cache(next((workdir / "features").glob("*.h5"))) as fc:
         assert fc.num_rows == 48
 

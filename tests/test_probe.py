@@ -755,6 +755,31 @@ def test_missing_and_incomplete_caches(tmp_path: Path, workdir: Path, caplog: py
         run_probe(ProbeSettings(workdir=work, backbones=["vit_*"], progress=False))
 
 
+@pytest.mark.parametrize("item, of_resnet50, of_resnet50_cbam", [
+    ("resnet50.a1_in1k", True, False), ("resnet50", True, False), ("resnet50@224", True, False),
+    ("resnet50.a1_in1k@224", True, False), ("resnet50@288", False, False), ("resnet5", False, False),
+    ("resnet50.tv_in1k", False, False), ("resnet50_cbam", False, True), ("resnet*", True, True),
+    ("*.a1_in1k", True, True), ("*@224", True, True),
+])
+def test_a_backbones_item_names_caches_as_extract_takes_names(item: str, of_resnet50: bool,
+                                                              of_resnet50_cbam: bool) -> None:
+    """probe, profiling's caches and finetune select what extract cached by the names extract was given: with or
+    without the pretrained tag (README's `finetune --backbones convnext_tiny` matched nothing), with the size, or
+    a pattern."""
+    from cache import names_backbone
+
+    assert names_backbone(item, "resnet50.a1_in1k", 224) is of_resnet50
+    assert names_backbone(item, "resnet50_cbam.a1_in1k", 224) is of_resnet50_cbam
+
+
+def test_an_untagged_name_selects_its_cache(workdir: Path) -> None:
+    from cache import select_caches
+
+    assert [p.name for p in select_caches(workdir, ["test_resnet"])] == ["test_resnet.r160_in1k@48.h5"]
+    with pytest.raises(CacheError, match="matches no cache"):
+        select_caches(workdir, ["test_res"])
+
+
 def test_head_file_of_another_format_is_refused() -> None:
     from probe.heads import HEAD_FORMAT, HeadFormatError, build_head, head_checkpoint, head_from_checkpoint
 
