@@ -27,7 +27,7 @@ from configs.settings import ConfigError, Settings, read_yaml, validate
 
 
 class FinetuneSettings(JobCommandSettings):
-    top: int = Field(3, ge=1, description="fine-tune the K best backbones (x resolution) of the probe leaderboard")
+    top: int = Field(3, ge=1, description="fine-tune the N best backbones (x resolution) of the probe leaderboard")
     backbones: tuple[str, ...] = Field((), description="names (with or without the pretrained tag, with @size) "
                                        "or patterns instead of --top",
                                        json_schema_extra={"default_text": "the --top best"})

@@ -38,8 +38,8 @@ class ProbeSettings(CommandSettings):
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of the test set for the confidence intervals")
     top_k: int | None = Field(None, ge=1, description="k of top-k accuracy",
                               json_schema_extra={"default_text": "3 when there are more than 3 classes"})
-    report_only: bool = Field(False, description="train nothing: re-render leaderboard.md from results.json "
-                              "(e.g. after `profiling` ran)")
+    report_only: bool = Field(False, description="train nothing: re-render leaderboard.md and report.html from "
+                              "results.json (e.g. after `profiling` ran)")
     progress: bool = Field(True, description="progress bars")
 
     @property
