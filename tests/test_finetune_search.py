@@ -58,6 +58,7 @@ def test_shipped_spec_and_parametrization() -> None:
     ({"space": {"frozen_epochs": {"float": [0, 3]}}}, "frozen_epochs is an integer"),
     ({"space": {"lr": {"uniform": [0, 1]}}}, "space.lr.uniform: unknown key; known: log, float, int, ordered, choice"),
     ({"space": {"lr": {"log": [1e-5, 1e-2], "float": [0, 1]}}}, "space.lr: give exactly one of log, float, int"),
+    ({"space": {"lr": {}}}, "space.lr: give exactly one of log, float, int, ordered, choice; got none"),
     ({"space": {"batch_size": {"ordered": [32]}}}, "space.batch_size.ordered: Tuple should have at least 2 items"),
     ({"space": {"layer_decay": {"int": [0, 1]}}}, "space.layer_decay: int range for a float hyperparameter"),
     ({"trian": {}}, "unknown section 'trian'"),
