@@ -18,5 +18,6 @@ from cache.schema import cache_path, key_hash, make_key, partial_path
 
 __all__ = [
     "CacheEntry", "CacheError", "CachedFeatures", "FeatureCache", "cache_path", "check_same_dataset", "complete_caches",
-    "dataset_record", "key_hash", "list_caches", "make_key", "names_backbone", "open_cache", "partial_path", "read_key", "select_caches",
+    "dataset_record", "key_hash", "list_caches", "make_key", "names_backbone", "open_cache", "partial_path", "read_key",
+    "select_caches",
 ]
