@@ -20,6 +20,7 @@ after the command succeeded, so the record always describes results that exist.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +31,8 @@ from pydantic import ValidationError
 from configs.settings import ConfigError, Settings, error_lines, read_yaml
 from runtime.files import atomic_write_text
 from runtime.locks import exclusive
+
+log = logging.getLogger(__name__)
 
 COMMANDS = ("extract", "probe", "profiling", "finetune")
 SHARED_TOP_LEVEL = ("workdir", "executor", "tracking")
@@ -101,11 +104,15 @@ def write_resolved(workdir: Path, section: str, settings: Settings) -> Path:
     """Record ``settings`` as ``section`` of ``workdir/config.yaml``, keeping the other commands' sections."""
     path = Path(workdir) / "config.yaml"
     with exclusive(workdir, "config", wait=True):  # read-modify-write: another command may record its section
-        existing: dict[str, Any] = {}
+        existing: Any = {}
         if path.is_file():
             try:
-                existing = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError:
+                existing = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError):
+                existing = None
+            if not isinstance(existing, dict):  # a record edited by hand: this run's section is still recorded
+                log.warning("%s was not a YAML mapping of command sections; rewritten with the %s section only",
+                            path, section)
                 existing = {}
         existing[section] = settings.plain()
         atomic_write_text(path, yaml.safe_dump(existing, sort_keys=False))

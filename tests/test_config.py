@@ -229,6 +229,18 @@ def test_resolved_config_written_only_after_success(tmp_path: Path, caplog: pyte
     assert resolve(ExtractSettings, "extract", tmp_path / "config.yaml").batch_size == 7  # the record loads again
 
 
+@pytest.mark.parametrize("text", [b"extract: [data\n", b"- extract\n", b"extract:\n  data: caf\xe9\n"])
+def test_a_record_edited_into_something_else_is_rewritten_with_a_warning(tmp_path: Path, text: bytes,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A config.yaml that is no longer a mapping (broken YAML, a list, not UTF-8) used to crash the command after
+    its results were written (or was silently dropped); now it is rewritten with this run's section and a
+    warning says so."""
+    (tmp_path / "config.yaml").write_bytes(text)
+    write_resolved(tmp_path, "extract", ExtractSettings(data="demo", batch_size=7))
+    assert resolve(ExtractSettings, "extract", tmp_path / "config.yaml").batch_size == 7
+    assert "was not a YAML mapping of command sections; rewritten with the extract section only" in caplog.text
+
+
 # ----------------------------------------------------------------------------- the code's shape
 
 PACKAGES = ("cache", "configs", "runtime", "report", "extract", "probe", "profiling", "finetune")

@@ -163,3 +163,66 @@ def test_grayscale_16bit_and_exif(tmp_path: Path) -> None:
     assert shown.size == (20, 30)
     arr = np.asarray(shown)
     assert arr[1, -2, 2] > 200 and arr[1, -2, 0] < 80  # the mark is now at the top-right
+
+
+def _row(c: str, i: int, *rest: str) -> str:
+    return ",".join([f"images/{c}/{i:02d}.png", c, *rest])
+
+
+@pytest.mark.parametrize("header, rows, fold, message", [
+    ("path,label", [], None, "d.csv: no rows"),
+    ("path,label", [_row(c, i) for c in CLASSES for i in range(10)], 1, "--fold 1 given, but .*d.csv has no 'fold' column"),
+    ("path,label", [_row("cat", 0), "images/cat/01.png,"], None, r"d.csv:3: empty path or label"),
+    ("path,label,split", [_row("cat", 0, "training")], None,
+     r"d.csv:2: split 'training' is not one of train, val, test"),
+    ("path,label,fold", [_row("cat", 0, "1"), _row("cat", 1, "one")], 1,
+     r"d.csv:3: fold 'one' is not an integer \(or 'test'\)"),
+    ("path,label,split", [_row("cat", 0, "train"), _row("cat", 1, "")], None,
+     "some rows have a split and some do not; give every row one"),
+    ("path,label,split", [_row(c, i, "train" if i < 6 else "val") for c in CLASSES for i in range(10)], None,
+     "no test rows; mark them with split=test"),
+    ("path,label", [_row(c, i) for c in CLASSES for i in range(10)] + [_row("cat", 0)], None,
+     r"listed more than once: \['images/cat/00.png'\]"),
+])
+def test_a_bad_csv_is_answered_with_its_line_and_the_fix(image_folder: Path, tmp_path: Path, header: str,
+                                                          rows: list[str], fold: int | None, message: str) -> None:
+    """Bad input gets one line that says where and what to do; nothing is written (no dataset.json)."""
+    csv_path = write_csv(tmp_path / "d.csv", header, rows)
+    with pytest.raises(DatasetError, match=message) as err:
+        load_dataset(str(csv_path), workdir=tmp_path / "w", fold=fold)
+    assert len(str(err.value).splitlines()) == 1
+    assert not (tmp_path / "w" / "dataset.json").exists()
+
+
+def test_a_bad_folder_or_file_is_answered_with_the_layout_expected(image_folder: Path, split_folder: Path,
+                                                                   tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"no class folders found. Expected root/<class>/\*"):
+        load_dataset(str(tmp_path / "empty"), workdir=tmp_path / "w")
+    (tmp_path / "no-images" / "cat").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="class folder 'cat' holds no images .*Remove it or add images"):
+        load_dataset(str(tmp_path / "no-images"), workdir=tmp_path / "w")
+    for p in (split_folder / "test").rglob("*.png"):
+        p.unlink()
+    for d in sorted((split_folder / "test").rglob("*"), reverse=True):
+        d.rmdir()
+    (split_folder / "test").rmdir()
+    with pytest.raises(DatasetError, match=r"has split folders \['train', 'val'\] but not \['test'\]"):
+        load_dataset(str(split_folder), workdir=tmp_path / "w")
+    (tmp_path / "labels.txt").write_text("path,label\n")
+    with pytest.raises(DatasetError, match="a file that is not a .csv"):
+        load_dataset(str(tmp_path / "labels.txt"), workdir=tmp_path / "w")
+    with pytest.raises(DatasetError, match="--fold applies only to a CSV"):
+        load_dataset(str(image_folder), workdir=tmp_path / "w", fold=1)
+    for p in sorted((image_folder / "fox").iterdir())[2:]:
+        p.unlink()
+    with pytest.raises(DatasetError, match=r"class 'fox' has 2 readable image\(s\); at least 3 are needed"):
+        load_dataset(str(image_folder), workdir=tmp_path / "w")
+    assert not (tmp_path / "w" / "dataset.json").exists()
+
+
+def test_a_class_whose_every_image_is_unreadable_is_named(image_folder: Path, tmp_path: Path) -> None:
+    for p in (image_folder / "fox").iterdir():
+        p.write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="class 'fox' has no readable images; remove it or add images"):
+        load_dataset(str(image_folder), workdir=tmp_path / "w", max_unreadable=0.5)

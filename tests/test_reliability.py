@@ -167,12 +167,23 @@ def test_bad_dataset_input_is_one_line(tmp_path: Path, caplog: pytest.LogCapture
 @pytest.mark.parametrize("text, message", [
     (b"extract:\n  data: caf\xe9\n", "not UTF-8 text"),
     (b"extract:\n  data: demo\n  batch_size: 8\n  batch_size: 16\n", "line 4: key 'batch_size' given twice"),
+    (b"extract:\n  data: [demo\n", "not valid YAML (while parsing a flow sequence"),
+    (b"- extract\n- probe\n", "the config file must be a mapping of keys, got list"),
+    (b"extract: demo\n", "section 'extract' must be a mapping of keys"),
+    (b"extarct: {data: demo}\n", "unknown top-level key 'extarct'; allowed: the sections extract, probe"),
+    (None, "cannot read the config file (Is a directory)"),
 ])
-def test_bad_yaml_is_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture, text: bytes, message: str) -> None:
+def test_bad_yaml_is_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture, text: bytes | None,
+                              message: str) -> None:
     config = tmp_path / "exp.yaml"
-    config.write_bytes(text)
+    if text is None:  # a folder where the file should be
+        config.mkdir()
+    else:
+        config.write_bytes(text)
     assert extract_main(["--config", str(config), "--workdir", str(tmp_path / "w")]) == 2
-    assert f"{config}: {message}" in caplog.text and "Traceback" not in caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and len(errors[0].splitlines()) == 1, errors
+    assert f"{config}: {message}" in errors[0] and "Traceback" not in caplog.text
 
 
 def test_files_in_features_that_are_not_caches_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
