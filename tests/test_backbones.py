@@ -97,6 +97,26 @@ def test_local_weights(tmp_path: Path, layout: str) -> None:
     torch.testing.assert_close(model(x), source.forward_head(source.forward_features(x), pre_logits=True))
 
 
+def test_weights_that_are_not_where_they_are_said_to_be_are_named(tmp_path: Path) -> None:
+    """An entry's weights file, a weights folder without a weights file and a --weights-dir that does not exist:
+    each one line naming the path, before anything is built."""
+    spec = BackboneSpec(model="test_resnet.r160_in1k", weights=tmp_path / "gone.safetensors")
+    with pytest.raises(WeightsError, match=r"gone.safetensors: no such weights file"):
+        choose_weights(spec, pretrained=True, weights_dir=None)
+    (tmp_path / "folder").mkdir()
+    spec = BackboneSpec(model="test_resnet.r160_in1k", weights=tmp_path / "folder")
+    with pytest.raises(WeightsError, match=r"folder: a weights folder must hold one of model.safetensors"):
+        choose_weights(spec, pretrained=True, weights_dir=None)
+    spec = BackboneSpec(model="test_resnet.r160_in1k")
+    with pytest.raises(WeightsError, match=r"--weights-dir .*nowhere: no such folder"):
+        choose_weights(spec, pretrained=True, weights_dir=tmp_path / "nowhere")
+    # a folder named for the model but holding no weights file is refused too, not skipped for the hub
+    (tmp_path / "wdir" / "test_resnet.r160_in1k").mkdir(parents=True)
+    with pytest.raises(WeightsError, match="a weights folder must hold one of"):
+        choose_weights(spec, pretrained=True, weights_dir=tmp_path / "wdir")
+    assert choose_weights(spec, pretrained=False, weights_dir=tmp_path / "nowhere").kind == "random"
+
+
 def test_extra_modules_reported_untrained(tmp_path: Path) -> None:
     import timm
 

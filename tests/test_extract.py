@@ -318,6 +318,41 @@ def test_cli_end_to_end_and_errors(image_folder: Path, tmp_path: Path, capsys: p
     assert "no such file or folder" in caplog.text
 
 
+def test_out_of_memory_halves_the_batch_and_gives_the_same_features(monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """README: the batch is halved automatically on out-of-memory, down to 1; any other error is not retried."""
+    from extract.extractor import _Forward
+
+    model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=0).eval()
+    batch = torch.randn(8, 3, 48, 48)
+    expected, _ = _Forward(model, torch.device("cpu"), store_maps=False, batch_size=8, amp=False)(batch)
+    original = _Forward.run
+
+    def small_memory(self, x):
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, x)
+
+    monkeypatch.setattr(_Forward, "run", small_memory)
+    forward = _Forward(model, torch.device("cpu"), store_maps=False, batch_size=8, amp=False)
+    with caplog.at_level(logging.WARNING):
+        pooled, _ = forward(batch)
+    assert forward.micro == 2  # 8 -> 4 -> 2, and it stays there for the next batches
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-5)
+    assert [r.getMessage() for r in caplog.records] == ["out of memory; batch size halved to 4",
+                                                        "out of memory; batch size halved to 2"]
+
+    def broken(self, x):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(_Forward, "run", broken)
+    with pytest.raises(RuntimeError, match="shapes"):
+        _Forward(model, torch.device("cpu"), store_maps=False, batch_size=8, amp=False)(batch)
+    monkeypatch.setattr(_Forward, "run", lambda self, x: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(torch.OutOfMemoryError):  # not even one image fits: the error, not a loop
+        _Forward(model, torch.device("cpu"), store_maps=False, batch_size=4, amp=False)(batch)
+
+
 @pytest.mark.parametrize("fault", ["too large", "nan"])
 def test_features_a_cache_cannot_hold_stop_extraction_with_the_image_named(
         image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
