@@ -68,6 +68,16 @@ def test_bad_spec_names_the_key(overlay: dict, message: str) -> None:
         load_tuning(overlay=overlay)
 
 
+def test_a_nevergrad_optimizer_that_does_not_exist_is_named_with_examples() -> None:
+    from finetune.search import make_optimizer
+
+    param = parametrization(load_tuning(), 0)
+    with pytest.raises(ConfigError, match=r"ng_optimizer: 'NGOptt' is not a Nevergrad optimizer; e.g. NGOpt, "):
+        make_optimizer("nevergrad", "NGOptt", param, budget=4, workers=1)
+    assert make_optimizer("nevergrad", "TwoPointsDE", param, budget=4, workers=1).name == "TwoPointsDE"
+    assert make_optimizer("random", "NGOptt", param, budget=4, workers=1).name == "RandomSearch"  # name unused
+
+
 def test_overlay_merges_sections_and_replaces_the_space(tmp_path: Path) -> None:
     path = tmp_path / "space.yaml"
     path.write_text("train: {epochs: 4}\nspace: {lr: {log: [1.0e-5, 1.0e-3]}}\n")

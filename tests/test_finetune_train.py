@@ -108,6 +108,27 @@ def test_a_workdir_probed_by_a_relative_path_is_fine_tuned_after_a_move_from_ano
     assert len(load_data(moved, target.cache).splits["val"].paths) > 0
 
 
+def test_stage_two_names_images_that_are_gone_and_labels_that_changed(workdir: Path, tmp_path: Path) -> None:
+    """Fine-tuning reads the images again: images moved away since extraction, or labels and splits changed by
+    another extraction, are each one error saying what to do, before any trial starts."""
+    import shutil
+
+    from cache import CacheError
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir / "features", work / "features")
+    record = json.loads((workdir / "dataset.json").read_text())
+    cache = work / "features" / "test_resnet.r160_in1k@48.h5"
+    (work / "dataset.json").write_text(json.dumps({**record, "root": str(tmp_path / "elsewhere")}))
+    with pytest.raises(CacheError, match=r"image\(s\) recorded in test_resnet.r160_in1k@48.h5 are gone, e.g. .*"
+                                         r"Restore them or run `python -m extract` again"):
+        load_data(work, cache)
+    (work / "dataset.json").write_text(json.dumps({**record, "annotation_fingerprint": "0" * 16}))
+    with pytest.raises(CacheError, match=r"its labels/splits differ from .*dataset.json .*Run `python -m extract` "
+                                         r"and `python -m probe` again first"):
+        load_data(work, cache)
+
+
 def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
     target, data, _ = target_and_data
     model, config, source = build_classifier(target, head_init="probe", data=data, drop_path_rate=0.1)
