@@ -399,7 +399,7 @@ def test_reader_refuses_a_cache_with_non_finite_features(image_folder: Path, ext
         fc.load()
 
 
-@pytest.mark.parametrize("claimed", ["zeroed", 5000, -7])
+@pytest.mark.parametrize("claimed", ["zeroed", 5000, -7, "truncated"])
 def test_resume_trusts_only_rows_that_verify(image_folder: Path, extract_kwargs: dict, tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture, claimed) -> None:
     """A partial file's row count is a claim: rows whose bytes do not match their checksum are written again."""
@@ -411,14 +411,20 @@ def test_resume_trusts_only_rows_that_verify(image_folder: Path, extract_kwargs:
     with h5py.File(partial, "r+") as f:
         f.attrs["complete"] = False
         n = len(f["pooled"])
-        if claimed == "zeroed":  # rows 10.. never reached the disk (read back as zeros), all counted as done
+        if claimed == "truncated":  # a kill while HDF5 wrote its metadata: a file h5py cannot open
+            pass
+        elif claimed == "zeroed":  # rows 10.. never reached the disk (read back as zeros), all counted as done
             f["pooled"][10:] = 0
             f.attrs["rows_done"] = n
         else:
             f.attrs["rows_done"] = claimed
+    if claimed == "truncated":
+        partial.write_bytes(partial.read_bytes()[:partial.stat().st_size // 2])
     caplog.set_level(logging.INFO)
     (again,) = extract_features(ExtractSettings(data=str(image_folder), **extract_kwargs))
     assert again.status in ("resumed", "built")
+    if claimed == "truncated":
+        assert f"{partial.name}: partial file unreadable (" in caplog.text and "starting again" in caplog.text
     if claimed == "zeroed":
         assert f"{n} rows recorded as written, 10 verified; resuming at row 10" in caplog.text
     with h5py.File(again.path) as got, h5py.File(ref.path) as want:
