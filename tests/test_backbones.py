@@ -117,6 +117,27 @@ def test_weights_that_are_not_where_they_are_said_to_be_are_named(tmp_path: Path
     assert choose_weights(spec, pretrained=False, weights_dir=tmp_path / "nowhere").kind == "random"
 
 
+def test_stage_two_refuses_a_recorded_weights_file_that_moved_or_changed(tmp_path: Path) -> None:
+    """profiling and finetune rebuild the backbone a cache records; its local weights file must be the one the
+    cache was made with (by hash), or the later stages would measure and train another model."""
+    import timm
+
+    from extract.models import backbone_from_record
+
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model("test_resnet.r160_in1k", pretrained=False).state_dict(), str(weights))
+    record = dict(model="test_resnet.r160_in1k", name="mine", model_kwargs=None, weights_tag=file_tag(weights))
+    spec, found, _ = backbone_from_record(**record, weights_location=str(weights))
+    assert (spec.name, found.kind, found.location) == ("mine", "file", str(weights))
+    with pytest.raises(WeightsError, match=r"mine: recorded weights file:.* from .*gone.safetensors are missing or "
+                                           r"have changed; point at the file it was made with"):
+        backbone_from_record(**record, weights_location=str(tmp_path / "gone.safetensors"))
+    torch.manual_seed(1)
+    save_file(timm.create_model("test_resnet.r160_in1k", pretrained=False).state_dict(), str(weights))  # retrained
+    with pytest.raises(WeightsError, match="are missing or have changed"):
+        backbone_from_record(**record, weights_location=str(weights))
+
+
 def test_extra_modules_reported_untrained(tmp_path: Path) -> None:
     import timm
 
