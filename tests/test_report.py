@@ -269,6 +269,32 @@ def test_probe_run_is_logged_to_mlflow_and_reads_back(workdir: Path, tmp_path: P
         a.path for a in client.list_artifacts(run_id, "probe")}
 
 
+def test_profiling_run_is_logged_to_mlflow_and_reads_back(workdir: Path, tmp_path: Path) -> None:
+    """README: profiling logs latency percentiles, cv, throughput, GFLOPs and size per batch size, and its files."""
+    from configs.profiling import ProfilingSettings
+    from report.tracking import track
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    (backbone, size), _ = [(e["backbone"], e["image_size"])
+                           for e in json.loads((work / "probe" / "results.json").read_text())["leaderboard"]]
+    records = [{"backbone": backbone, "image_size": size, "batch_size": b, "p50_ms": 2.0 * b, "p90_ms": 2.5 * b,
+                "p99_ms": 3.0 * b, "cv": 0.05, "throughput": 500.0 / b, "gflops": 0.25, "onnx_mb": 1.5}
+               for b in (1, 8)]
+    (work / "profiling").mkdir()
+    (work / "profiling" / "performance.json").write_text(json.dumps({"records": records}))
+    uri = (tmp_path / "mlruns").as_uri()
+    run_id = track(ProfilingSettings(workdir=work, mlflow=uri), "profiling")
+    run = _mlflow_client(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["command"] == "profiling"
+    for r in records:
+        unit = f"{backbone}/{size}px/batch{r['batch_size']}"
+        assert {k: run.data.metrics[f"{unit}/{k}"] for k in ("p50_ms", "p99_ms", "throughput", "gflops", "onnx_mb")} \
+            == {k: r[k] for k in ("p50_ms", "p99_ms", "throughput", "gflops", "onnx_mb")}
+    artifacts = {a.path for a in _mlflow_client(uri).list_artifacts(run_id, "profiling")}
+    assert "profiling/performance.json" in artifacts
+
+
 def test_tracking_is_off_by_default_and_a_dead_server_costs_a_warning(workdir: Path,
                                                                      caplog: pytest.LogCaptureFixture,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
