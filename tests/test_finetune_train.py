@@ -206,6 +206,24 @@ def test_diverging_trial_is_recorded_as_failed(target_and_data, tmp_path: Path) 
     assert outcome.status == "failed" and outcome.reason.startswith("diverged: non-finite")
 
 
+@pytest.mark.parametrize("error, reason", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     "out of memory (batch size 8): CUDA out of memory. Tried to allocate 2.00 GiB"),
+    (ValueError("a broken layer\nwith a second line"), "crashed: ValueError: a broken layer"),
+])
+def test_a_trial_that_runs_out_of_memory_or_crashes_is_failed_with_its_reason(
+        target_and_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, reason: str) -> None:
+    """README: such a trial is recorded as failed with its reason (one line), its last.pt removed, and the search
+    goes on; the epochs it finished are counted."""
+    def image_epoch(self, epoch: int) -> float:
+        raise error
+
+    monkeypatch.setattr(trainer_module._Trial, "_train_on_images", image_epoch)
+    outcome = trial(target_and_data, tmp_path / "t", defaults={**SEARCH["defaults"], "frozen_epochs": 1}, space={})
+    assert (outcome.status, outcome.reason, outcome.epochs) == ("failed", reason, 1)  # the cache epoch finished
+    assert not (tmp_path / "t" / "last.pt").exists()
+
+
 def stop_after_epoch_1(monkeypatch: pytest.MonkeyPatch):
     """An event set once a trial has written its second epoch (0 and 1), as a study shutting down would;
     and the list of row counts of each metrics.csv write."""
