@@ -260,6 +260,24 @@ def test_interrupted_trial_resumes_at_the_next_epoch(target_and_data, tmp_path: 
     assert written == [1, 2, 3]
 
 
+def test_a_last_pt_of_other_hyperparameters_is_not_resumed(target_and_data, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A trial folder reused with other hyperparameters (a study restarted by hand) starts the trial over instead of
+    continuing another configuration's weights."""
+    stop, written = stop_after_epoch_1(monkeypatch)
+    target, data, metric = target_and_data
+    tuning = load_tuning(overlay={**SEARCH, "train": {**SEARCH["train"], "patience": 5}})
+    setup = TrialSetup(metric, torch.device("cpu"))
+    with pytest.raises(StudyStopped):
+        run_trial(target, data, tuning.defaults, tuning, tmp_path / "t", setup, stop=stop)
+    assert (tmp_path / "t" / "last.pt").is_file()
+    other = tuning.params({"lr": tuning.defaults.lr * 3})
+    outcome = run_trial(target, data, other, tuning, tmp_path / "t", setup)
+    assert "last.pt belongs to other hyperparameters; starting the trial over" in caplog.text
+    assert outcome.status == "ok" and written == [1, 2, 1, 2, 3]  # epochs 0 and 1 trained again
+
+
 @pytest.mark.parametrize("data_workers", [0, 2], ids=["augmented-here", "augmented-in-workers"])
 def test_a_resumed_trial_trains_exactly_as_an_uninterrupted_one(target_and_data, tmp_path: Path, data_workers: int,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
