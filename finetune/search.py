@@ -294,7 +294,8 @@ class Study:
             elif kind == "end":
                 n = int(event["trial"])
                 if n not in candidates:  # its start line was lost (a broken line): the trial is run again
-                    log.warning("%s: trial %d ended but its start was not recorded; it runs again", self.log_path, n)
+                    log.warning("%s: trial %d ended but its start was not recorded; that result is ignored",
+                                self.log_path, n)
                     self.trials.pop(n, None)
                     continue
                 record = self.trials[n]
@@ -325,6 +326,8 @@ class Study:
             unfinished = {}
         queue = sorted(unfinished.items())
         next_number = max(self.trials, default=-1) + 1
+        # Numbers below it with no trial: their start line was lost (a broken line). Each is asked again.
+        lost = [n for n in range(next_number) if n not in self.trials]
         slots = min(self.workers, runner.slots)
         in_flight: dict[int, ng.p.Parameter] = {}
 
@@ -352,15 +355,19 @@ class Study:
         try:
             while True:
                 # Never more open asks than workers: re-runs of unfinished trials count as open asks.
-                while len(in_flight) < slots and (queue or next_number < self.budget):
+                while len(in_flight) < slots and (queue or lost or next_number < self.budget):
                     if queue:
                         n, candidate = queue.pop(0)
                         job = runner.start(n, self.trials[n].point, self.jobs.get(n))
                         if job is not None and job != self.jobs.get(n):
                             self.record_job(n, job)
                     else:
-                        n, candidate = next_number, self._ask(opt)
-                        next_number += 1
+                        if lost:
+                            n = lost.pop(0)
+                            log.info("%s trial %d runs again (its start was not recorded)", self.folder.name, n)
+                        else:
+                            n, next_number = next_number, next_number + 1
+                        candidate = self._ask(opt)
                         self.trials[n] = TrialRecord(n, self._point(candidate))
                         job = runner.start(n, self.trials[n].point, None)
                         if job is not None:

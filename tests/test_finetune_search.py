@@ -253,6 +253,29 @@ def test_torn_log_tail_is_set_aside_and_no_trial_is_lost(tmp_path: Path, caplog:
     assert all(json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines())
 
 
+def test_a_broken_line_inside_the_log_costs_only_its_trial(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An older version could leave a broken line inside the log (a torn tail that the next run appended to). Such
+    a line is skipped with a warning; a trial whose start line it was runs again (it used to be dropped: the study
+    ended one trial short of its budget while the log said "it runs again"), and no other trial is lost."""
+    tuning = load_tuning()
+    folder = tmp_path / "s"
+    Study(folder, tuning, budget=3).run(ok)
+    lines = (folder / "trials.jsonl").read_text().splitlines()
+    broken = next(i for i, line in enumerate(lines) if (e := json.loads(line))["event"] == "start" and e["trial"] == 1)
+    lines[broken] = lines[broken][:20]
+    (folder / "trials.jsonl").write_text("\n".join(lines) + "\n")
+    calls: list[int] = []
+    caplog.set_level("INFO")
+    trials = Study(folder, tuning, budget=3).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
+    assert f"line {broken + 1} is broken; ignored" in caplog.text
+    assert "trial 1 ended but its start was not recorded; that result is ignored" in caplog.text
+    assert "trial 1 runs again (its start was not recorded)" in caplog.text
+    assert calls == [1] and [t.number for t in trials] == [0, 1, 2] and [t.status for t in trials] == ["ok"] * 3
+    caplog.clear()  # the log is complete again: a third run has nothing to do
+    assert len(Study(folder, tuning, budget=3).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])) == 3
+    assert calls == [1]
+
+
 def test_full_disk_stops_the_study_without_telling_the_trial(tmp_path: Path) -> None:
     """An environment error is not a trial result: the study stops, the trial is not told, and runs again."""
     import errno
