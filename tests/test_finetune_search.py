@@ -276,6 +276,23 @@ def test_a_broken_line_inside_the_log_costs_only_its_trial(tmp_path: Path, caplo
     assert calls == [1]
 
 
+def test_a_log_whose_points_this_optimizer_would_not_ask_is_replayed_as_told(tmp_path: Path) -> None:
+    """Another Nevergrad version may ask other points from the same seed: the recorded points are told as they
+    were (not asked again), finished trials are kept, and the study goes on."""
+    tuning = load_tuning()
+    folder = tmp_path / "s"
+    Study(folder, tuning, budget=3).run(ok)
+    lines = [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
+    for e in lines:
+        if e["event"] == "start" and e["trial"] == 1:
+            e["params"]["lr"] = 2.5e-4  # not what this version asks second
+    (folder / "trials.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    calls: list[int] = []
+    trials = Study(folder, tuning, budget=4).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
+    assert calls == [3] and [t.status for t in trials] == ["ok"] * 4
+    assert trials[1].point["lr"] == 2.5e-4
+
+
 def test_full_disk_stops_the_study_without_telling_the_trial(tmp_path: Path) -> None:
     """An environment error is not a trial result: the study stops, the trial is not told, and runs again."""
     import errno
