@@ -174,6 +174,20 @@ def test_profiling_end_to_end_with_a_failure(tmp_path: Path, caplog: pytest.LogC
     assert "simulated export failure" in caplog.text
 
 
+def test_an_onnx_model_that_disagrees_with_pytorch_is_a_failure_not_a_latency(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: above --tolerance the backbone fails loudly instead of reporting a latency for a wrong model."""
+    import profiling.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "max_relative_error", lambda reference, got: 0.25)  # an exporter bug
+    result = run_profiling(ProfilingSettings(workdir=tmp_path, backbones=["test_resnet.r160_in1k"], pretrained=False,
+                                             image_size=[64], batch_sizes=(1,), provider="cpu", **FAST))
+    assert result["records"] == []
+    (failure,) = result["failures"]
+    assert failure["error"] == ("ExportError: ONNX and PyTorch outputs differ: max relative error 2.50e-01 > "
+                                "tolerance 1e-03")
+
+
 def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, demo_caches: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     """extract -> probe -> profiling: the exported model is backbone + chosen head, images to class logits."""
