@@ -24,6 +24,7 @@ from finetune.data import FinetuneData
 from probe.classifier import ProbeClassifier, load_head
 from probe.heads import build_head, head_checkpoint, head_from_checkpoint
 from probe.train import Examples, Fit, feature_stats, train_grid
+from runtime.errors import UserError
 from runtime.files import save_torch
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,18 @@ class Target:
     @property
     def data_config(self) -> dict[str, Any]:
         return self.record["data_config"]
+
+
+class ProbeHeadError(UserError, FileNotFoundError):
+    """The probe head a fine-tune starts from is missing or unreadable: the workdir's problem, not a trial's."""
+
+
+def probe_head(target: Target) -> tuple[nn.Module, dict[str, Any]]:
+    """The head stage one chose for ``target``, and its checkpoint."""
+    if target.head_file is None or not Path(target.head_file).is_file():
+        raise ProbeHeadError(f"{target.name}: the probe head {target.head_file} is missing; run `python -m probe` "
+                             "again, or use --head random")
+    return load_head(target.head_file)
 
 
 def _backbone(record: dict[str, Any], **extra: Any) -> nn.Module:
@@ -107,10 +120,7 @@ def build_classifier(target: Target, *, head_init: str, data: FinetuneData, metr
         source = "random"
         head = config = None
         if head_init == "probe":
-            if target.head_file is None or not Path(target.head_file).is_file():
-                raise FileNotFoundError(f"{target.name}: the probe head {target.head_file} is missing; "
-                                        "run `python -m probe` again, or use --head random")
-            head, ckpt = load_head(target.head_file)
+            head, ckpt = probe_head(target)
             config = HeadConfig.model_validate(ckpt["config"])
             if config.trainable:
                 source = f"probe ({config.name})"

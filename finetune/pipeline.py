@@ -20,7 +20,7 @@ from finetune.data import FinetuneData, load_data
 from finetune.deploy import export_and_time
 from finetune.evaluate import evaluate_test
 from finetune.gradcam import explain
-from finetune.model import RECORD_KEYS, Target, load_checkpoint
+from finetune.model import RECORD_KEYS, Target, load_checkpoint, probe_head
 from finetune.report import plot_searches, render_summary, stage_agreement, summary_rows
 from finetune.search import Study, TrialRecord, search_name, searches
 from finetune.trainer import TrialSetup, run_trial
@@ -198,6 +198,11 @@ def run_finetune(settings: FinetuneSettings, tuning: TuningConfig) -> FinetuneOu
     s = settings
     workdir = s.workdir
     targets, metric = select_targets(workdir, top=s.top, backbones=list(s.backbones), metric=s.metric)
+    if s.head == "probe":
+        # Every trial starts from it: a missing or unreadable head is answered here, before any study starts,
+        # not recorded as each trial's failure (which a resumed study would keep after the head is back).
+        for target in targets:
+            probe_head(target)
     dev = pick_device(s.device)
     setup = TrialSetup(metric=metric, device=dev, head=s.head, seed=s.seed, data_workers=s.data_workers,
                        progress=s.progress)

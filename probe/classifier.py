@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from extract.models import Weights, backbone_from_record, create_backbone
-from probe.heads import head_from_checkpoint
+from probe.heads import HeadFormatError, head_from_checkpoint
 
 
 class ProbeClassifier(nn.Module):
@@ -24,8 +25,15 @@ class ProbeClassifier(nn.Module):
 
 
 def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A saved head and its checkpoint dict; nothing in the file can run code (``weights_only``)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """A saved head and its checkpoint dict; nothing in the file can run code (``weights_only``). A file that is
+    not one (truncated, overwritten, another program's) is a :class:`HeadFormatError`, not a traceback."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HeadFormatError(f"{path}: not a readable head file ({first[:200]}); run `python -m probe` again") from None
+    if not isinstance(ckpt, dict):
+        raise HeadFormatError(f"{path}: not a head file (a {type(ckpt).__name__}); run `python -m probe` again")
     return head_from_checkpoint(ckpt, str(path)), ckpt
 
 

@@ -129,6 +129,29 @@ def test_stage_two_names_images_that_are_gone_and_labels_that_changed(workdir: P
         load_data(work, cache)
 
 
+def test_a_missing_or_unreadable_probe_head_stops_before_any_trial(workdir: Path, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Every trial starts from the probe's head: without it the command answers at once (exit 2) and records no
+    trial. It used to fail each trial, and the study kept those failures after the head was back."""
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work, symlinks=True)
+    head = work / "probe" / "heads" / "test_resnet.r160_in1k@48.pt"
+    saved = head.read_bytes()
+    args = ["--workdir", str(work), "--top", "1", "--optimizer", "none", "--epochs", "1", "--no-latency",
+            "--gradcam-images", "0", "--no-progress"]
+    head.unlink()
+    assert finetune_main(args) == 2
+    assert f"the probe head {head} is missing; run `python -m probe` again, or use --head random" in caplog.text
+    head.write_bytes(b"not a checkpoint")
+    assert finetune_main(args) == 2
+    assert f"{head}: not a readable head file (" in caplog.text and "Traceback" not in caplog.text
+    assert not (work / "finetune").exists()
+    head.write_bytes(saved)
+    assert finetune_main(args) == 0
+
+
 def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
     target, data, _ = target_and_data
     model, config, source = build_classifier(target, head_init="probe", data=data, drop_path_rate=0.1)
