@@ -45,7 +45,8 @@ def test_vit_blocks_are_contiguous_buckets() -> None:
     assert "patch_embed.proj.weight" in blocks[-1].params
 
 
-def test_unfreeze_schedule_learning_rates_and_frozen_batchnorm() -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_unfreeze_schedule_learning_rates_and_frozen_batchnorm(optimizer: str) -> None:
     from configs.finetune import TrainOptions, TrialParams
     from finetune.unfreeze import ALL, ProgressiveUnfreezer, Stage
 
@@ -61,7 +62,9 @@ def test_unfreeze_schedule_learning_rates_and_frozen_batchnorm() -> None:
     assert drop_paths
     schedule = [Stage(0, 0, 1.0), Stage(2, 1, 1.0), Stage(4, ALL, 0.1)]
     u = ProgressiveUnfreezer(backbone, head, blocks, schedule, TrialParams(lr=1e-3, layer_decay=0.5, weight_decay=0.05),
-                             TrainOptions(freeze_bn_stats=False))
+                             TrainOptions(freeze_bn_stats=False, optimizer=optimizer))
+    kind = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer]
+    assert type(u.optimizer) is kind
     all_params = {id(p): n for n, p in backbone.named_parameters()}
     expected_blocks = {0: 0, 1: 0, 2: 1, 3: 1, 4: 3, 5: 3}
     for epoch, n_blocks in expected_blocks.items():
@@ -77,6 +80,8 @@ def test_unfreeze_schedule_learning_rates_and_frozen_batchnorm() -> None:
             if g["depth"]:
                 assert all(all_params[id(p)] in blocks[g["depth"] - 1].params for p in g["params"])
         assert all(g["weight_decay"] == 0.0 for g in u.optimizer.param_groups if all(p.ndim == 1 for p in g["params"]))
+        if optimizer == "sgd":  # every group, the joined blocks' too: Nesterov momentum 0.9 (configs/finetune.yaml)
+            assert all(g["momentum"] == 0.9 and g["nesterov"] for g in u.optimizer.param_groups)
         # One training step: frozen blocks' BatchNorm statistics and weights must not move.
         frozen_bn = [m for m, b in batchnorms if b >= u.unfrozen]
         before = [m.running_mean.clone() for m in frozen_bn]
