@@ -148,8 +148,9 @@ def profile_target(target: Unit, settings: ProfilingSettings, bench: Bench) -> l
            "weights": target.weights.tag, "input_size": input_size}
     # The backbone's own graph; with a probe head, the deployable model is backbone + head in one graph.
     backbone_path = out / "backbones" / f"{stem}.onnx" if with_head else onnx_path
-    with phase("ONNX export", "reused while the model is unchanged"):
+    with phase("ONNX export") as step:
         exported = export_onnx(model, input_size, backbone_path, key=key)
+        step.detail = "reused: the model is unchanged" if exported.reused else "new"
 
     with phase("ONNX checked against PyTorch", f"{len(images)} images" + (", with the probe's head" if with_head else "")):
         tf = timm.data.create_transform(**target.data_cfg, is_training=False)

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -111,9 +112,12 @@ class Phases:
         self.name, self.log, self.seconds = name, log, {}
 
     @contextmanager
-    def __call__(self, phase: str, detail: str = "") -> Iterator[None]:
+    def __call__(self, phase: str, detail: str = "") -> Iterator[SimpleNamespace]:
+        """Time the ``with`` body; its line says ``detail``, which the body may set once it knows (``as step``,
+        ``step.detail = ...``: whether an export was reused is known only after it)."""
         t0 = time.perf_counter()
-        yield
+        step = SimpleNamespace(detail=detail)
+        yield step
         seconds = time.perf_counter() - t0
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
-        self.log.info("%s: %s%s %.2fs", self.name, phase, f" ({detail})" if detail else "", seconds)
+        self.log.info("%s: %s%s %.2fs", self.name, phase, f" ({step.detail})" if step.detail else "", seconds)

@@ -188,8 +188,8 @@ def test_an_onnx_model_that_disagrees_with_pytorch_is_a_failure_not_a_latency(tm
                                 "tolerance 1e-03")
 
 
-def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, demo_caches: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, demo_caches: Path, capsys: pytest.CaptureFixture,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     """extract -> probe -> profiling: the exported model is backbone + chosen head, images to class logits."""
     from probe.classifier import load_classifier
     from probe.pipeline import run_probe
@@ -216,6 +216,11 @@ def test_cli_from_cached_workdir_with_probe_head(tmp_path: Path, demo_caches: Pa
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert got.shape == (3, 10)
     assert max_relative_error(expected, got) < 1e-4
+    # The log says whether the export was made or reused (it said "reused" for a new one too).
+    assert "test_resnet.r160_in1k@48: ONNX export (new)" in caplog.text
+    caplog.clear()
+    assert profiling_main(argv) == 0
+    assert "test_resnet.r160_in1k@48: ONNX export (reused: the model is unchanged)" in caplog.text
 
 
 @pytest.mark.parametrize("name, published_gmacs", [("resnet50", 4.1), ("vit_base_patch16_224", 17.6)])
