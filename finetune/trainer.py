@@ -170,10 +170,21 @@ class _Trial:
         self.scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    def _backward(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+    def _backward(self, loss: torch.Tensor, epoch: int, step: int, share: float) -> None:
+        """Backpropagate a micro-batch's mean ``loss``, weighted by ``share``, its part of its update's examples."""
         if not torch.isfinite(loss):
             raise TrialFailed(f"diverged: non-finite training loss ({loss.item()}) at epoch {epoch}, step {step}")
-        self.scaler.scale(loss / self.opts.accum_steps).backward()
+        self.scaler.scale(loss * share).backward()
+
+    def _accumulated(self, step: int, steps: int, size: int, examples: int) -> tuple[int, int, float]:
+        """For micro-batch ``step`` of ``steps`` (``size`` examples; ``examples`` in the epoch): its optimizer update,
+        the epoch's number of updates, and its share of the update's examples. With ``train.accum_steps`` = k an
+        update averages the loss over every example of its k micro-batches, as one batch k times as large would,
+        the epoch's last, smaller group included; the learning rate follows the updates, not the micro-batches."""
+        k, batch = self.opts.accum_steps, self.params.batch_size
+        update = step // k
+        first = update * k * batch
+        return update, math.ceil(steps / k), size / (min(first + k * batch, examples) - first)
 
     @contextlib.contextmanager
     def _epoch_randomness(self, epoch: int) -> Iterator[None]:
@@ -208,12 +219,13 @@ class _Trial:
         total, n = 0.0, 0
         for step in range(steps):
             self._check_stop()
-            self._set_lr(epoch, step, steps)
             idx = order[step * bs:(step + 1) * bs]
+            update, updates, share = self._accumulated(step, steps, len(idx), len(order))
+            self._set_lr(epoch, update, updates)
             # The backbone's own head dropout (timm's drop_rate), which the cached features skipped.
             x = F.dropout(x_all[idx], p=self.params.drop_rate, training=True)
             loss = self.criterion(head(x), y_all[idx])
-            self._backward(loss, epoch, step)
+            self._backward(loss, epoch, step, share)
             if (step + 1) % self.opts.accum_steps == 0 or step + 1 == steps:
                 self._optimizer_step()
             total += loss.item() * len(idx)
@@ -230,13 +242,14 @@ class _Trial:
                        enabled=self.progress)
         for step, (x, y) in enumerate(bar):
             self._check_stop()
-            self._set_lr(epoch, step, steps)
+            update, updates, share = self._accumulated(step, steps, len(y), len(loader.dataset))
+            self._set_lr(epoch, update, updates)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.opts.channels_last and uses_channels_last(self.device):
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 loss = self.criterion(self.model(x), y)
-            self._backward(loss.float(), epoch, step)
+            self._backward(loss.float(), epoch, step, share)
             if (step + 1) % self.opts.accum_steps == 0 or step + 1 == steps:
                 self._optimizer_step()
             total += loss.item() * len(y)

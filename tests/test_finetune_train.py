@@ -247,6 +247,25 @@ def test_a_trial_that_runs_out_of_memory_or_crashes_is_failed_with_its_reason(
     assert not (tmp_path / "t" / "last.pt").exists()
 
 
+def test_gradient_accumulation_trains_as_one_larger_batch(target_and_data, tmp_path: Path) -> None:
+    """train.accum_steps = 2 with batch 4 gives the updates of batch 8: every update averages the loss over all
+    its examples (the epoch's last, smaller group too: it was divided by accum_steps whatever its size) and the
+    learning rate follows the updates. Checked on the cache epoch, where nothing else is random."""
+    def head_after(folder: Path, accum: int, batch: int) -> list[torch.Tensor]:
+        outcome = trial(target_and_data, folder, train={**SEARCH["train"], "epochs": 1, "accum_steps": accum},
+                        defaults={**SEARCH["defaults"], "batch_size": batch, "frozen_epochs": 1}, space={})
+        assert outcome.status == "ok", outcome.reason
+        model, _ = load_checkpoint(folder / "best_model.pt")
+        return [p.detach().clone() for p in model.head.parameters()]
+
+    target, data, _ = target_and_data
+    assert len(data.train_labels) % 8 not in (0, 4)  # the last group is smaller than the others, and split
+    one = head_after(tmp_path / "a", accum=1, batch=8)
+    accumulated = head_after(tmp_path / "b", accum=2, batch=4)
+    for a, b in zip(one, accumulated):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def stop_after_epoch_1(monkeypatch: pytest.MonkeyPatch):
     """An event set once a trial has written its second epoch (0 and 1), as a study shutting down would;
     and the list of row counts of each metrics.csv write."""
