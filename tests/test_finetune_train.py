@@ -247,6 +247,21 @@ def test_a_trial_that_runs_out_of_memory_or_crashes_is_failed_with_its_reason(
     assert not (tmp_path / "t" / "last.pt").exists()
 
 
+def test_frozen_epochs_through_the_backbone_when_not_from_the_cache(target_and_data, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.frozen_from_cache: false trains the head-only epochs through the frozen backbone on augmented
+    images (the cached features are not used), and says so in metrics.csv."""
+    def no_cache(self, epoch: int) -> float:
+        raise AssertionError("the cached features were used")
+
+    monkeypatch.setattr(trainer_module._Trial, "_train_from_cache", no_cache)
+    outcome = trial(target_and_data, tmp_path / "t", train={**SEARCH["train"], "epochs": 1, "frozen_from_cache": False},
+                    defaults={**SEARCH["defaults"], "frozen_epochs": 1}, space={})
+    assert outcome.status == "ok", outcome.reason
+    (row,) = _history(tmp_path / "t")
+    assert (row["trainable_blocks"], row["source"]) == ("head only", "images")
+
+
 def test_gradient_accumulation_trains_as_one_larger_batch(target_and_data, tmp_path: Path) -> None:
     """train.accum_steps = 2 with batch 4 gives the updates of batch 8: every update averages the loss over all
     its examples (the epoch's last, smaller group too: it was divided by accum_steps whatever its size) and the
