@@ -21,6 +21,7 @@ from PIL import Image
 
 from cache import CacheError, dataset_record, open_cache
 from configs.finetune import Augment
+from configs.settings import ConfigError
 from runtime.images import load_rgb
 
 
@@ -109,6 +110,16 @@ def train_transform(data_cfg: dict[str, Any], augment: Augment) -> Callable:
         color_jitter=augment.color_jitter, auto_augment=augment.auto_augment, re_prob=augment.re_prob,
         scale=tuple(augment.scale), ratio=tuple(augment.ratio))
     return torchvision.transforms.Compose([EvalRegion(data_cfg), *timm_tf.transforms])
+
+
+def check_augment(data_cfg: dict[str, Any], augment: Augment) -> None:
+    """Build the training transform once: options timm refuses (an unknown ``auto_augment`` policy) are a
+    configuration error before any trial, not a crash recorded as every trial's failure."""
+    try:
+        train_transform(data_cfg, augment)
+    except Exception as exc:
+        raise ConfigError(f"augment: timm cannot build the training transform from {augment.plain()} "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 def eval_transform(data_cfg: dict[str, Any]) -> Callable:

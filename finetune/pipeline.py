@@ -16,7 +16,7 @@ import torch
 from cache import check_same_dataset, names_backbone
 from configs.finetune import FinetuneSettings, TuningConfig
 from configs.settings import ConfigError
-from finetune.data import FinetuneData, load_data
+from finetune.data import FinetuneData, check_augment, load_data
 from finetune.deploy import export_and_time
 from finetune.evaluate import evaluate_test
 from finetune.gradcam import explain
@@ -198,11 +198,13 @@ def run_finetune(settings: FinetuneSettings, tuning: TuningConfig) -> FinetuneOu
     s = settings
     workdir = s.workdir
     targets, metric = select_targets(workdir, top=s.top, backbones=list(s.backbones), metric=s.metric)
-    if s.head == "probe":
-        # Every trial starts from it: a missing or unreadable head is answered here, before any study starts,
-        # not recorded as each trial's failure (which a resumed study would keep after the head is back).
-        for target in targets:
+    # What every trial needs is checked here, before any study starts: a missing or unreadable probe head, or
+    # augmentation options timm refuses, would otherwise be recorded as each trial's failure (which a resumed
+    # study keeps after the cause is fixed).
+    for target in targets:
+        if s.head == "probe":
             probe_head(target)
+        check_augment(target.data_config, tuning.augment)
     dev = pick_device(s.device)
     setup = TrialSetup(metric=metric, device=dev, head=s.head, seed=s.seed, data_workers=s.data_workers,
                        progress=s.progress)

@@ -129,10 +129,11 @@ def test_stage_two_names_images_that_are_gone_and_labels_that_changed(workdir: P
         load_data(work, cache)
 
 
-def test_a_missing_or_unreadable_probe_head_stops_before_any_trial(workdir: Path, tmp_path: Path,
+def test_what_every_trial_needs_is_checked_before_any_trial(workdir: Path, tmp_path: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    """Every trial starts from the probe's head: without it the command answers at once (exit 2) and records no
-    trial. It used to fail each trial, and the study kept those failures after the head was back."""
+    """Every trial starts from the probe's head and uses the augmentation: a missing or unreadable head, or options
+    timm refuses, are answered at once (exit 2) with no trial recorded. They used to fail each trial, and the study
+    kept those failures after the cause was fixed."""
     import shutil
 
     work = tmp_path / "run"
@@ -149,6 +150,12 @@ def test_a_missing_or_unreadable_probe_head_stops_before_any_trial(workdir: Path
     assert f"{head}: not a readable head file (" in caplog.text and "Traceback" not in caplog.text
     assert not (work / "finetune").exists()
     head.write_bytes(saved)
+    # Augmentation options timm refuses: one line before any trial too (every trial crashed on them).
+    space = tmp_path / "space.yaml"
+    space.write_text("augment: {auto_augment: bogus}\n")
+    assert finetune_main([*args, "--space", str(space)]) == 2
+    assert "augment: timm cannot build the training transform from" in caplog.text
+    assert "Unknown AA policy bogus" in caplog.text and not (work / "finetune").exists()
     assert finetune_main(args) == 0
 
 
