@@ -28,6 +28,7 @@ from probe.classifier import load_classifier
 from probe.metrics import METRICS
 from probe.results import stage_one_results
 from profiling.export import ExportError
+from profiling.latency import choose_providers
 from runtime.console import Phases, format_table, progress
 from runtime.device import pick_device
 from runtime.files import atomic_write_text
@@ -198,13 +199,15 @@ def run_finetune(settings: FinetuneSettings, tuning: TuningConfig) -> FinetuneOu
     s = settings
     workdir = s.workdir
     targets, metric = select_targets(workdir, top=s.top, backbones=list(s.backbones), metric=s.metric)
-    # What every trial needs is checked here, before any study starts: a missing or unreadable probe head, or
+    # What the run needs is checked here, before any study starts: a missing or unreadable probe head, or
     # augmentation options timm refuses, would otherwise be recorded as each trial's failure (which a resumed
     # study keeps after the cause is fixed).
     for target in targets:
         if s.head == "probe":
             probe_head(target)
         check_augment(target.data_config, tuning.augment)
+    if s.latency:  # the final latency's engine, before hours of training rather than after
+        choose_providers(s.provider)
     dev = pick_device(s.device)
     setup = TrialSetup(metric=metric, device=dev, head=s.head, seed=s.seed, data_workers=s.data_workers,
                        progress=s.progress)

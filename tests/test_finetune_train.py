@@ -156,6 +156,10 @@ def test_what_every_trial_needs_is_checked_before_any_trial(workdir: Path, tmp_p
     assert finetune_main([*args, "--space", str(space)]) == 2
     assert "augment: timm cannot build the training transform from" in caplog.text
     assert "Unknown AA policy bogus" in caplog.text and not (work / "finetune").exists()
+    if not torch.cuda.is_available():  # an ONNX Runtime engine this machine lacks: before the search, not after it
+        assert finetune_main([a for a in args if a != "--no-latency"] + ["--provider", "cuda"]) == 2
+        assert "--provider cuda: CUDAExecutionProvider is not usable here" in caplog.text
+        assert not (work / "finetune").exists()
     assert finetune_main(args) == 0
 
 
