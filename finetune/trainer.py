@@ -155,8 +155,9 @@ class _Trial:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device) if self.cuda and self.opts.amp else contextlib.nullcontext()
 
-    def _set_lr(self, epoch: int, step: int, steps: int) -> None:
-        t = epoch + step / max(1, steps)
+    def _set_lr(self, epoch: int, update: int, updates: int) -> None:
+        """The learning rate of optimizer update ``update`` of the epoch's ``updates``."""
+        t = epoch + update / max(1, updates)
         start, end = stage_span(self.unfreezer.schedule, epoch, self.opts.epochs)
         self.unfreezer.set_lr(self.params.lr * stage_lr_factor(t, start=start, end=end, warmup=self.opts.warmup_epochs))
 
