@@ -52,7 +52,10 @@ def select_targets(workdir: Path, *, top: int, backbones: list[str] | None, metr
     metric = metric or data["metric"]
     entries = [e for e in data["leaderboard"] if e.get("val", {}).get(metric) is not None]
     higher = METRICS[metric]
-    entries.sort(key=lambda e: -e["val"][metric] if higher else e["val"][metric])
+    if metric == data["metric"] and all("rank" in e for e in entries):
+        entries.sort(key=lambda e: e["rank"])  # the probe's own ranking (cross-validated where --folds ran)
+    else:
+        entries.sort(key=lambda e: -e["val"][metric] if higher else e["val"][metric])
     if backbones:
         chosen = [e for e in entries if any(names_backbone(b, e["backbone"], e["image_size"]) for b in backbones)]
         if not chosen:

@@ -10,10 +10,24 @@ from probe.metrics import METRICS
 from report.latency import latency_label
 
 
+def selection_score(entry: dict[str, Any], metric: str) -> float:
+    """What ranks a backbone: the score that chose its head — the cross-validated mean where ``--folds`` ran, else
+    the validation ``metric``. Never test."""
+    cv = entry.get("cv")
+    return cv["mean"] if cv else entry["val"][metric]
+
+
+def ranked_by(entries: list[dict[str, Any]], metric: str) -> str:
+    """:func:`selection_score` in words, for the leaderboards' headers."""
+    folds = next((e["cv"]["folds"] for e in entries if e.get("cv")), None)
+    return f"{folds}-fold cross-validated {metric} (over train + val)" if folds else f"validation {metric}"
+
+
 def mark_ties(entries: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Sort by validation ``metric`` (selection never looks at test) and flag test CIs overlapping the top one's."""
+    """Sort by :func:`selection_score` and flag test CIs overlapping the top one's."""
     higher = METRICS[metric]
-    ranked = sorted(entries, key=lambda e: (-e["val"][metric] if higher else e["val"][metric], e["backbone"], e["image_size"]))
+    ranked = sorted(entries, key=lambda e: (-selection_score(e, metric) if higher else selection_score(e, metric),
+                                            e["backbone"], e["image_size"]))
     if not ranked:
         return ranked
     lo0, hi0 = ranked[0]["test_ci"][metric]

@@ -18,7 +18,7 @@ from configs.probe import Grid, HeadConfig, ProbeSettings, load_grid
 from probe.baseline import logreg_baseline
 from probe.head_onnx import write_head_onnx
 from probe.heads import head_checkpoint
-from probe.leaderboard import leaderboard_rows, mark_ties
+from probe.leaderboard import leaderboard_rows, mark_ties, ranked_by
 from probe.metrics import METRICS, bootstrap_ci, compute_metrics, default_top_k, metrics_of_heads
 from probe.plots import plot_confusion, plot_confusion_grid
 from probe.results import read_results
@@ -228,7 +228,7 @@ def render_leaderboard(workdir: Path, ranked: list[dict[str, Any]], *, metric: s
     # which products trained the heads: bfloat16 ones choose within seed-level noise of float32's (README)
     products = sorted({e["grid_precision"] for e in ranked if e.get("grid_precision")})
     trained = f", trained with {' and '.join(products)} products" if products else ""
-    header = (f"# Probe leaderboard\n\nSorted by validation {metric} (the selection metric); test metrics with 95% "
+    header = (f"# Probe leaderboard\n\nSorted by {ranked_by(ranked, metric)} (the selection metric); test metrics with 95% "
               f"bootstrap CIs ({n_boot} resamples of the test images). '≈ best': the test CI overlaps the top one's. "
               "'val−test': how much the validation metric the selection saw exceeds test (its optimism). "
               "LogME and kNN LOO acc: training-free scores of the features (train + val), higher is better.\n"
@@ -264,7 +264,7 @@ def _probe_all(paths: list[Path], head_grid: Grid, s: ProbeSettings, dev: torch.
                                      n_heads=n_heads, ordinal=s.ordinal, folder=out)
     write_csv(out / "results.csv", rows)
     atomic_write_text(out / "results.json", json.dumps(_jsonable({
-        "metric": metric, "seed": s.seed, "grid": grid, "n_heads": n_heads, "ordinal": s.ordinal, "folds": s.folds,
+        "metric": metric, "ranked_by": ranked_by(ranked, metric), "seed": s.seed, "grid": grid, "n_heads": n_heads, "ordinal": s.ordinal, "folds": s.folds,
         "bootstrap": s.bootstrap, "leaderboard": ranked, "rows": rows}), indent=2))
     top = ranked[:4]
     if len(top) == 1:  # one backbone: its own figure is the top one, not drawn a second time (~0.15 s)

@@ -93,7 +93,8 @@ def _leaderboard(workdir: Path) -> dict[str, Any] | None:
                      "logreg_ci": baseline_ci, "logme": transfer.get("logme"),
                      "knn": transfer.get("knn_loo"), "p50_ms": timing.get("p50_ms"), "noisy": timing.get("noisy"),
                      "gflops": timing.get("gflops")})
-    return {"metric": metric, "rows": rows, "random": any(r["weights"] == "random" for r in rows)}
+    return {"metric": metric, "ranked_by": results.get("ranked_by") or f"validation {metric}", "rows": rows,
+            "random": any(r["weights"] == "random" for r in rows)}
 
 
 def _finetuned(summary: Any) -> tuple[list[str], list[str]]:

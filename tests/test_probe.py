@@ -27,7 +27,7 @@ from probe.baseline import DEFAULT_CS, fit_path, logreg_baseline, scaler_statist
 from probe.classifier import load_classifier, load_head
 from probe.cli import main as probe_main
 from probe.head_onnx import head_model, write_head_onnx
-from probe.leaderboard import mark_ties
+from probe.leaderboard import mark_ties, ranked_by
 from probe.metrics import (
     METRICS,
     _bootstrap_roc_auc,
@@ -257,6 +257,12 @@ def test_ties() -> None:
     assert [e["tied_with_best"] for e in ranked] == [False, True, False]
     ranked = mark_ties([entry("x", 2.0, 1.0, 1.5, "log_loss"), entry("y", 1.0, 1.4, 1.8, "log_loss")], "log_loss")  # lower is better
     assert [e["backbone"] for e in ranked] == ["y", "x"] and ranked[1]["tied_with_best"]
+    # With --folds the head was chosen by its cross-validated mean, and so is the backbone's rank.
+    cv = [{**entry("a", 0.90, 0.80, 0.95), "cv": {"mean": 0.70, "std": 0.02, "folds": 5}},
+          {**entry("b", 0.80, 0.70, 0.82), "cv": {"mean": 0.85, "std": 0.02, "folds": 5}}]
+    assert [e["backbone"] for e in mark_ties(cv, "macro_f1")] == ["b", "a"]
+    assert ranked_by(cv, "macro_f1") == "5-fold cross-validated macro_f1 (over train + val)"
+    assert ranked_by(ranked, "log_loss") == "validation log_loss"
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -741,6 +747,7 @@ def test_default_head_and_folds(workdir: Path, grid_file: Path, tmp_path: Path) 
     figures = work / "probe" / "confusion"
     assert (figures / "top.png").read_bytes() == (figures / "test_resnet.r160_in1k@48.png").read_bytes()
     assert entry["cv"]["folds"] == 3 and 0 <= entry["cv"]["std"] < 0.2 and 0 < entry["cv"]["mean"] <= 1
+    assert "Sorted by 3-fold cross-validated macro_f1 (over train + val) (the selection metric)" in result.leaderboard
 
 
 def test_missing_and_incomplete_caches(tmp_path: Path, workdir: Path, caplog: pytest.LogCaptureFixture) -> None:
