@@ -16,6 +16,7 @@ import torch
 from cache import check_same_dataset, names_backbone
 from configs.finetune import FinetuneSettings, TuningConfig
 from configs.settings import ConfigError
+from extract.models import file_tag
 from finetune.data import FinetuneData, check_augment, load_data
 from finetune.deploy import export_and_time
 from finetune.evaluate import evaluate_test
@@ -88,8 +89,10 @@ def _move_aside(folder: Path) -> None:
 def _search(target: Target, data: FinetuneData, tuning: TuningConfig, folder: Path, settings: FinetuneSettings,
             setup: TrialSetup) -> Study:
     s, metric = settings, setup.metric
+    # What every trial starts from: a study goes on only from the same head (stage one may have chosen again).
+    head = "random" if s.head == "random" else "probe:" + file_tag(Path(target.head_file)).removeprefix("file:")
     study = Study(folder, tuning, optimizer=s.optimizer, ng_optimizer=s.ng_optimizer, budget=s.budget,
-                  workers=s.workers, metric=metric, seed=s.seed)
+                  workers=s.workers, metric=metric, seed=s.seed, head=head)
     bar = progress(total=study.budget, desc=f"{target.name} trials", unit="trial", enabled=s.progress)
 
     def objective(n: int, point: dict[str, Any], stop: Any):

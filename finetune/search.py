@@ -177,7 +177,10 @@ class Study:
     """The search of one backbone; ``run`` continues wherever its trial log stopped."""
 
     def __init__(self, folder: Path, tuning: TuningConfig, *, optimizer: str = "nevergrad", ng_optimizer: str = "NGOpt",
-                 budget: int = 20, workers: int = 1, metric: str = "macro_f1", seed: int = 0) -> None:
+                 budget: int = 20, workers: int = 1, metric: str = "macro_f1", seed: int = 0,
+                 head: str | None = None) -> None:
+        """``head`` names what every trial starts from (the probe head's file digest, or "random"): a study is
+        continued only from the same start."""
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer: one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         if budget < 1 or workers < 1:
@@ -193,7 +196,7 @@ class Study:
         self.log_path = self.folder / "trials.jsonl"
         self.header = {"event": "study", "optimizer": optimizer, "ng_optimizer": ng_optimizer if optimizer == "nevergrad"
                        else None, "metric": metric, "seed": seed, "space": tuning.fingerprint(),
-                       "workers": self.workers}
+                       "workers": self.workers, "head": head}
         self.trials: dict[int, TrialRecord] = {}
         self.jobs: dict[int, dict[str, Any]] = {}  # trial -> its latest job (id, attempt, executor, log)
         self.delegate: str | None = None
@@ -233,11 +236,14 @@ class Study:
                 log.warning("%s line %d is broken; ignored", self.log_path, n)
         if events and events[0].get("event") == "study":
             old = events[0]
-            diffs = [k for k in ("optimizer", "ng_optimizer", "metric", "seed", "space", "workers")
-                     if old.get(k) != self.header[k]]
+            # (a log from before the head was recorded has none: it is taken as started from today's)
+            diffs = [k for k in ("optimizer", "ng_optimizer", "metric", "seed", "space", "workers", "head")
+                     if old.get(k) != self.header[k] and (k != "head" or old.get(k) is not None)]
             if diffs:
+                why = (" The trials started from another head: stage one chose again (`python -m probe` ran since) "
+                       "or --head changed." if "head" in diffs else "")
                 raise StudyError(
-                    f"{self.log_path} was made with other search options ({', '.join(f'{k}: {old.get(k)!r} now {self.header[k]!r}' for k in diffs)}). "
+                    f"{self.log_path} was made with other search options ({', '.join(f'{k}: {old.get(k)!r} now {self.header[k]!r}' for k in diffs)}).{why} "
                     "Run with the same options to continue it, or pass --restart to move it aside and start over.")
         return events
 

@@ -180,6 +180,25 @@ def test_changed_search_options_refuse_to_continue(tmp_path: Path) -> None:
         Study(tmp_path / "s", other, budget=2).run(ok)
 
 
+def test_a_study_continues_only_from_the_head_it_started_from(tmp_path: Path) -> None:
+    """Its trials started from one probe head: after stage one chose again (or --head changed), continuing would
+    mix trials from two starts, so it is refused with the reason. A log from before the head was recorded
+    continues."""
+    tuning = load_tuning()
+    Study(tmp_path / "s", tuning, budget=2, head="probe:aaaa").run(ok)
+    with pytest.raises(StudyError, match=r"head: 'probe:aaaa' now 'probe:bbbb'\)\. The trials started from another "
+                                         r"head: stage one chose again"):
+        Study(tmp_path / "s", tuning, budget=3, head="probe:bbbb").run(ok)
+    with pytest.raises(StudyError, match="head: 'probe:aaaa' now 'random'"):
+        Study(tmp_path / "s", tuning, budget=3, head="random").run(ok)
+    log_path = tmp_path / "s" / "trials.jsonl"
+    lines = log_path.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["head"]  # written before the head was recorded
+    log_path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    assert len(Study(tmp_path / "s", tuning, budget=3, head="probe:bbbb").run(ok)) == 3
+
+
 def test_workers_run_trials_at_once_but_never_more(tmp_path: Path) -> None:
     running, peak = [0], [0]
     lock = threading.Lock()

@@ -161,6 +161,13 @@ def test_what_every_trial_needs_is_checked_before_any_trial(workdir: Path, tmp_p
         assert "--provider cuda: CUDAExecutionProvider is not usable here" in caplog.text
         assert not (work / "finetune").exists()
     assert finetune_main(args) == 0
+    # Stage one chose again (another head in the same file): the study is not continued from a different start.
+    ckpt = torch.load(head, weights_only=True)
+    ckpt["state_dict"] = {k: v + 0.01 for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, head)
+    caplog.clear()
+    assert finetune_main(args) == 2
+    assert "The trials started from another head: stage one chose again" in caplog.text
 
 
 def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
