@@ -236,6 +236,10 @@ def check_same_dataset(workdir: str | Path, paths: list[Path]) -> None:
     record = Path(workdir) / "dataset.json"
     dataset = dataset_record(workdir)
     content, annotations = dataset["content_fingerprint"], dataset["annotation_fingerprint"]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:  # named by the probe's results (a later stage), then deleted or moved
+        raise CacheError(f"cache(s) {', '.join(missing)} missing from {Path(workdir) / 'features'}. Run `python -m "
+                         "extract` again for them (then `python -m probe`), or choose other backbones")
     problems = []
     for path in paths:
         key, _, cache_annotations = read_key(path)

@@ -170,6 +170,20 @@ def test_what_every_trial_needs_is_checked_before_any_trial(workdir: Path, tmp_p
     assert "The trials started from another head: stage one chose again" in caplog.text
 
 
+def test_a_ranked_cache_that_was_deleted_is_named_as_missing(workdir: Path, tmp_path: Path) -> None:
+    """It used to be reported as a cache "that does not belong to this workdir's dataset"."""
+    import shutil
+
+    from cache import CacheError
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work, symlinks=True)
+    (work / "features" / "test_resnet.r160_in1k@48.h5").unlink()
+    with pytest.raises(CacheError, match=r"cache\(s\) test_resnet.r160_in1k@48.h5 missing from .*features. Run "
+                                         r"`python -m extract` again for them \(then `python -m probe`\)"):
+        select_targets(work, top=1, backbones=None, metric=None)
+
+
 def test_head_from_stage_one_gives_the_probe_logits(target_and_data) -> None:
     target, data, _ = target_and_data
     model, config, source = build_classifier(target, head_init="probe", data=data, drop_path_rate=0.1)
