@@ -23,7 +23,7 @@ from finetune.evaluate import evaluate_test
 from finetune.gradcam import explain
 from finetune.model import RECORD_KEYS, Target, load_checkpoint, probe_head
 from finetune.report import plot_searches, render_summary, stage_agreement, summary_rows
-from finetune.search import Study, TrialRecord, search_name, searches
+from finetune.search import SearchOptions, Study, TrialRecord, search_name, searches
 from finetune.trainer import TrialSetup, run_trial
 from probe.classifier import load_classifier
 from probe.metrics import METRICS
@@ -91,8 +91,8 @@ def _search(target: Target, data: FinetuneData, tuning: TuningConfig, folder: Pa
     s, metric = settings, setup.metric
     # What every trial starts from: a study goes on only from the same head (stage one may have chosen again).
     head = "random" if s.head == "random" else "probe:" + file_tag(Path(target.head_file)).removeprefix("file:")
-    study = Study(folder, tuning, optimizer=s.optimizer, ng_optimizer=s.ng_optimizer, budget=s.budget,
-                  workers=s.workers, metric=metric, seed=s.seed, head=head)
+    study = Study(folder, tuning, SearchOptions(optimizer=s.optimizer, ng_optimizer=s.ng_optimizer, budget=s.budget,
+                                                workers=s.workers, metric=metric, seed=s.seed, head=head))
     bar = progress(total=study.budget, desc=f"{target.name} trials", unit="trial", enabled=s.progress)
 
     def objective(n: int, point: dict[str, Any], stop: Any):

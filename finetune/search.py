@@ -173,30 +173,41 @@ def search_name(study: Study) -> str:
     return study.kind + (f" ({study.delegate})" if study.kind == "nevergrad" and study.delegate else "")
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a study searches, and what its trials start from (``head``: the probe head's file digest, or "random").
+    A study is continued only with the same options, its budget aside."""
+
+    optimizer: str = "nevergrad"
+    ng_optimizer: str = "NGOpt"
+    budget: int = 20
+    workers: int = 1
+    metric: str = "macro_f1"
+    seed: int = 0
+    head: str | None = None
+
+
 class Study:
     """The search of one backbone; ``run`` continues wherever its trial log stopped."""
 
-    def __init__(self, folder: Path, tuning: TuningConfig, *, optimizer: str = "nevergrad", ng_optimizer: str = "NGOpt",
-                 budget: int = 20, workers: int = 1, metric: str = "macro_f1", seed: int = 0,
-                 head: str | None = None) -> None:
-        """``head`` names what every trial starts from (the probe head's file digest, or "random"): a study is
-        continued only from the same start."""
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer: one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-        if budget < 1 or workers < 1:
-            raise ConfigError(f"budget and workers must be at least 1, got {budget} and {workers}")
-        self.folder, self.tuning, self.kind, self.metric, self.seed = Path(folder), tuning, optimizer, metric, seed
-        self.searches = searches(optimizer, tuning)
-        if optimizer != "none" and not self.searches:
+    def __init__(self, folder: Path, tuning: TuningConfig, options: SearchOptions = SearchOptions()) -> None:
+        o = options
+        if o.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer: one of {', '.join(OPTIMIZERS)}, got {o.optimizer!r}")
+        if o.budget < 1 or o.workers < 1:
+            raise ConfigError(f"budget and workers must be at least 1, got {o.budget} and {o.workers}")
+        self.folder, self.tuning, self.kind, self.metric, self.seed = Path(folder), tuning, o.optimizer, o.metric, o.seed
+        self.searches = searches(o.optimizer, tuning)
+        if o.optimizer != "none" and not self.searches:
             log.warning("%s: the search space is empty, so there is nothing for a %s search to try: one trial of "
-                        "the default configuration", folder, optimizer)
-        self.budget = budget if self.searches else 1
-        self.workers = min(workers, self.budget)
-        self.ng_name = ng_optimizer
+                        "the default configuration", folder, o.optimizer)
+        self.budget = o.budget if self.searches else 1
+        self.workers = min(o.workers, self.budget)
+        self.ng_name = o.ng_optimizer
         self.log_path = self.folder / "trials.jsonl"
-        self.header = {"event": "study", "optimizer": optimizer, "ng_optimizer": ng_optimizer if optimizer == "nevergrad"
-                       else None, "metric": metric, "seed": seed, "space": tuning.fingerprint(),
-                       "workers": self.workers, "head": head}
+        self.header = {"event": "study", "optimizer": o.optimizer,
+                       "ng_optimizer": o.ng_optimizer if o.optimizer == "nevergrad" else None, "metric": o.metric,
+                       "seed": o.seed, "space": tuning.fingerprint(), "workers": self.workers, "head": o.head}
         self.trials: dict[int, TrialRecord] = {}
         self.jobs: dict[int, dict[str, Any]] = {}  # trial -> its latest job (id, attempt, executor, log)
         self.delegate: str | None = None

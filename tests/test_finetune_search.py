@@ -13,7 +13,7 @@ import pytest
 
 from configs.finetune import load_tuning
 from configs.settings import ConfigError
-from finetune.search import Study, StudyError
+from finetune.search import SearchOptions, Study, StudyError
 from finetune.space import parametrization
 from finetune.trainer import TrialOutcome
 
@@ -93,7 +93,7 @@ def test_overlay_merges_sections_and_replaces_the_space(tmp_path: Path) -> None:
 def test_first_trial_is_the_default_and_the_delegate_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     tuning = load_tuning()
     with caplog.at_level("INFO"):
-        study = Study(tmp_path / "s", tuning, budget=4, metric="accuracy")
+        study = Study(tmp_path / "s", tuning, SearchOptions(budget=4, metric="accuracy"))
         trials = study.run(ok)
     assert trials[0].point == pytest.approx(tuning.default_point())
     assert study.delegate and "delegates to" in caplog.text
@@ -105,10 +105,10 @@ def test_first_trial_is_the_default_and_the_delegate_is_logged(tmp_path: Path, c
 def test_optimizer_none_and_random(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     tuning = load_tuning()
     with caplog.at_level("INFO"):
-        (only,) = Study(tmp_path / "none", tuning, optimizer="none", budget=10).run(ok)
+        (only,) = Study(tmp_path / "none", tuning, SearchOptions(optimizer="none", budget=10)).run(ok)
     assert only.point == pytest.approx(tuning.default_point())
     assert "No search: one trial of the default configuration" in caplog.text and "delegates to" not in caplog.text
-    random_trials = Study(tmp_path / "random", tuning, optimizer="random", budget=3).run(ok)
+    random_trials = Study(tmp_path / "random", tuning, SearchOptions(optimizer="random", budget=3)).run(ok)
     assert random_trials[0].point == pytest.approx(tuning.default_point())
     assert len({json.dumps(t.point) for t in random_trials}) == 3
 
@@ -118,7 +118,7 @@ def test_an_empty_space_runs_the_default_once(tmp_path: Path, optimizer: str, ca
     """Nevergrad builds no optimizer for a space without variables; nothing to search is one trial of the defaults."""
     tuning = load_tuning(overlay={"space": {}})
     with caplog.at_level("INFO"):
-        (only,) = Study(tmp_path / "s", tuning, optimizer=optimizer, budget=6).run(
+        (only,) = Study(tmp_path / "s", tuning, SearchOptions(optimizer=optimizer, budget=6)).run(
             lambda n, point, stop: TrialOutcome("ok", 0.5, best_epoch=0, epochs=1, seconds=0.0))
     assert only.point == {} and only.status == "ok"
     assert ("the search space is empty" in caplog.text) == (optimizer != "none")
@@ -134,7 +134,7 @@ def test_nan_and_failed_trials_do_not_stop_the_search(tmp_path: Path) -> None:
             raise RuntimeError("boom")  # an objective that crashes outright
         return ok(n, point, stop)
 
-    study = Study(tmp_path / "s", load_tuning(), budget=6)
+    study = Study(tmp_path / "s", load_tuning(), SearchOptions(budget=6))
     trials = study.run(objective)
     assert [t.status for t in trials] == ["ok", "failed", "failed", "failed", "ok", "ok"]
     assert "non-finite validation" in trials[1].reason and "boom" in trials[3].reason
@@ -146,7 +146,7 @@ def test_nan_and_failed_trials_do_not_stop_the_search(tmp_path: Path) -> None:
 
 def test_interrupted_study_resumes_without_repeating_trials(tmp_path: Path) -> None:
     tuning = load_tuning()
-    reference = Study(tmp_path / "ref", tuning, budget=7).run(ok)
+    reference = Study(tmp_path / "ref", tuning, SearchOptions(budget=7)).run(ok)
 
     calls: list[int] = []
 
@@ -157,13 +157,13 @@ def test_interrupted_study_resumes_without_repeating_trials(tmp_path: Path) -> N
         return ok(n, point, stop)
 
     with pytest.raises(KeyboardInterrupt):
-        Study(tmp_path / "s", tuning, budget=7).run(interrupted)
+        Study(tmp_path / "s", tuning, SearchOptions(budget=7)).run(interrupted)
     assert calls == [0, 1, 2, 3]
     # A kill can cut the last line in half; it is ignored.
     with open(tmp_path / "s" / "trials.jsonl", "a") as fh:
         fh.write('{"event": "end", "tri')
     calls.clear()
-    resumed = Study(tmp_path / "s", tuning, budget=7).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
+    resumed = Study(tmp_path / "s", tuning, SearchOptions(budget=7)).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
     assert calls == [4, 5, 6]  # trial 4 runs again, nothing finished is repeated
     # The optimizer's state was restored exactly: the same points as an uninterrupted study.
     assert [t.point for t in resumed] == [t.point for t in reference]
@@ -172,12 +172,12 @@ def test_interrupted_study_resumes_without_repeating_trials(tmp_path: Path) -> N
 
 def test_changed_search_options_refuse_to_continue(tmp_path: Path) -> None:
     tuning = load_tuning()
-    Study(tmp_path / "s", tuning, budget=2).run(ok)
+    Study(tmp_path / "s", tuning, SearchOptions(budget=2)).run(ok)
     with pytest.raises(StudyError, match="other search options.*--restart"):
-        Study(tmp_path / "s", tuning, budget=2, optimizer="random").run(ok)
+        Study(tmp_path / "s", tuning, SearchOptions(budget=2, optimizer="random")).run(ok)
     other = load_tuning(overlay={"space": {"lr": {"log": [1e-5, 1e-3]}}})
     with pytest.raises(StudyError, match="space"):
-        Study(tmp_path / "s", other, budget=2).run(ok)
+        Study(tmp_path / "s", other, SearchOptions(budget=2)).run(ok)
 
 
 def test_a_study_continues_only_from_the_head_it_started_from(tmp_path: Path) -> None:
@@ -185,18 +185,18 @@ def test_a_study_continues_only_from_the_head_it_started_from(tmp_path: Path) ->
     mix trials from two starts, so it is refused with the reason. A log from before the head was recorded
     continues."""
     tuning = load_tuning()
-    Study(tmp_path / "s", tuning, budget=2, head="probe:aaaa").run(ok)
+    Study(tmp_path / "s", tuning, SearchOptions(budget=2, head="probe:aaaa")).run(ok)
     with pytest.raises(StudyError, match=r"head: 'probe:aaaa' now 'probe:bbbb'\)\. The trials started from another "
                                          r"head: stage one chose again"):
-        Study(tmp_path / "s", tuning, budget=3, head="probe:bbbb").run(ok)
+        Study(tmp_path / "s", tuning, SearchOptions(budget=3, head="probe:bbbb")).run(ok)
     with pytest.raises(StudyError, match="head: 'probe:aaaa' now 'random'"):
-        Study(tmp_path / "s", tuning, budget=3, head="random").run(ok)
+        Study(tmp_path / "s", tuning, SearchOptions(budget=3, head="random")).run(ok)
     log_path = tmp_path / "s" / "trials.jsonl"
     lines = log_path.read_text().splitlines()
     header = json.loads(lines[0])
     del header["head"]  # written before the head was recorded
     log_path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
-    assert len(Study(tmp_path / "s", tuning, budget=3, head="probe:bbbb").run(ok)) == 3
+    assert len(Study(tmp_path / "s", tuning, SearchOptions(budget=3, head="probe:bbbb")).run(ok)) == 3
 
 
 def test_workers_run_trials_at_once_but_never_more(tmp_path: Path) -> None:
@@ -212,7 +212,7 @@ def test_workers_run_trials_at_once_but_never_more(tmp_path: Path) -> None:
             running[0] -= 1
         return ok(n, point, stop)
 
-    study = Study(tmp_path / "s", load_tuning(), budget=7, workers=3)
+    study = Study(tmp_path / "s", load_tuning(), SearchOptions(budget=7, workers=3))
     trials = study.run(slow)
     assert len(trials) == 7 and peak[0] == 3
     log = events(tmp_path / "s")
@@ -254,7 +254,7 @@ def test_torn_log_tail_is_set_aside_and_no_trial_is_lost(tmp_path: Path, caplog:
     """A partial last line (full disk, power loss) must not glue onto the next event and lose it."""
     tuning = load_tuning()
     folder = tmp_path / "s"
-    Study(folder, tuning, budget=2).run(ok)
+    Study(folder, tuning, SearchOptions(budget=2)).run(ok)
     with open(folder / "trials.jsonl", "a") as fh:
         fh.write('{"event": "start", "trial": 2, "par')  # cut off, no newline
     calls: list[int] = []
@@ -263,11 +263,11 @@ def test_torn_log_tail_is_set_aside_and_no_trial_is_lost(tmp_path: Path, caplog:
         calls.append(n)
         return ok(n, point, stop)
 
-    Study(folder, tuning, budget=4).run(counted)
+    Study(folder, tuning, SearchOptions(budget=4)).run(counted)
     assert calls == [2, 3] and "last line was cut off" in caplog.text
     (aside,) = folder.glob("trials.jsonl.torn-*")
     assert aside.read_text() == '{"event": "start", "trial": 2, "par'
-    trials = Study(folder, tuning, budget=4).run(counted)  # a third run reads a clean log: nothing to do
+    trials = Study(folder, tuning, SearchOptions(budget=4)).run(counted)  # a third run reads a clean log: nothing to do
     assert calls == [2, 3] and [t.status for t in trials] == ["ok"] * 4
     assert all(json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines())
 
@@ -278,20 +278,20 @@ def test_a_broken_line_inside_the_log_costs_only_its_trial(tmp_path: Path, caplo
     ended one trial short of its budget while the log said "it runs again"), and no other trial is lost."""
     tuning = load_tuning()
     folder = tmp_path / "s"
-    Study(folder, tuning, budget=3).run(ok)
+    Study(folder, tuning, SearchOptions(budget=3)).run(ok)
     lines = (folder / "trials.jsonl").read_text().splitlines()
     broken = next(i for i, line in enumerate(lines) if (e := json.loads(line))["event"] == "start" and e["trial"] == 1)
     lines[broken] = lines[broken][:20]
     (folder / "trials.jsonl").write_text("\n".join(lines) + "\n")
     calls: list[int] = []
     caplog.set_level("INFO")
-    trials = Study(folder, tuning, budget=3).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
+    trials = Study(folder, tuning, SearchOptions(budget=3)).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
     assert f"line {broken + 1} is broken; ignored" in caplog.text
     assert "trial 1 ended but its start was not recorded; that result is ignored" in caplog.text
     assert "trial 1 runs again (its start was not recorded)" in caplog.text
     assert calls == [1] and [t.number for t in trials] == [0, 1, 2] and [t.status for t in trials] == ["ok"] * 3
     caplog.clear()  # the log is complete again: a third run has nothing to do
-    assert len(Study(folder, tuning, budget=3).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])) == 3
+    assert len(Study(folder, tuning, SearchOptions(budget=3)).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])) == 3
     assert calls == [1]
 
 
@@ -300,14 +300,14 @@ def test_a_log_whose_points_this_optimizer_would_not_ask_is_replayed_as_told(tmp
     were (not asked again), finished trials are kept, and the study goes on."""
     tuning = load_tuning()
     folder = tmp_path / "s"
-    Study(folder, tuning, budget=3).run(ok)
+    Study(folder, tuning, SearchOptions(budget=3)).run(ok)
     lines = [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
     for e in lines:
         if e["event"] == "start" and e["trial"] == 1:
             e["params"]["lr"] = 2.5e-4  # not what this version asks second
     (folder / "trials.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     calls: list[int] = []
-    trials = Study(folder, tuning, budget=4).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
+    trials = Study(folder, tuning, SearchOptions(budget=4)).run(lambda n, p, s: (calls.append(n), ok(n, p, s))[1])
     assert calls == [3] and [t.status for t in trials] == ["ok"] * 4
     assert trials[1].point["lr"] == 2.5e-4
 
@@ -325,7 +325,7 @@ def test_full_disk_stops_the_study_without_telling_the_trial(tmp_path: Path) -> 
         return ok(n, point, stop)
 
     with pytest.raises(OSError):
-        Study(folder, tuning, budget=3).run(disk_full_at_trial_1)
+        Study(folder, tuning, SearchOptions(budget=3)).run(disk_full_at_trial_1)
     assert [e["trial"] for e in events(folder) if e["event"] == "end"] == [0]  # trial 1 was not recorded as failed
     calls: list[int] = []
 
@@ -333,7 +333,7 @@ def test_full_disk_stops_the_study_without_telling_the_trial(tmp_path: Path) -> 
         calls.append(n)
         return ok(n, point, stop)
 
-    trials = Study(folder, tuning, budget=3).run(counted)
+    trials = Study(folder, tuning, SearchOptions(budget=3)).run(counted)
     assert calls == [1, 2] and [t.status for t in trials] == ["ok"] * 3
 
 
