@@ -91,3 +91,16 @@ def test_knn_loo_equals_scikit_learn() -> None:
         ours = knn_loo_accuracy(x, y, k=k, chunk=32)
         reference = cross_val_score(KNeighborsClassifier(n_neighbors=k, metric="cosine"), x, y, cv=LeaveOneOut()).mean()
         assert ours == pytest.approx(reference)
+
+
+def test_knn_loo_votes_among_fewer_neighbours_than_the_smallest_class_has() -> None:
+    """Twelve images per class, three well-separated classes: at k = 20 a vote holds at most 11 of the image's own
+    class, so some images lost to another class (0.92 here; 0.0 on a 36-image folder of random-weight features).
+    k is capped at the smallest class's size less one."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 12)
+    x = 5 * np.eye(3)[y] + rng.normal(scale=0.3, size=(36, 3))
+    reference = cross_val_score(KNeighborsClassifier(n_neighbors=11, metric="cosine"), x, y, cv=LeaveOneOut()).mean()
+    assert knn_loo_accuracy(x, y, k=20) == pytest.approx(reference) == 1.0
+    assert knn_loo_accuracy(x[:-10], y[:-10], k=20) == pytest.approx(  # the smallest class now has 2 images
+        cross_val_score(KNeighborsClassifier(n_neighbors=1, metric="cosine"), x[:-10], y[:-10], cv=LeaveOneOut()).mean())
