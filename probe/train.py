@@ -249,7 +249,7 @@ class _Watch:
     higher: bool
     window: int
     warmup_epochs: int
-    best: float = math.nan
+    best: float = field(init=False)  # the best smoothed score so far: -inf or inf until one is eligible
     best_epoch: int = 0
     waited: int = 0
     recent: list[float] = field(default_factory=list)
