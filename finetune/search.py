@@ -37,7 +37,7 @@ from configs.settings import ConfigError
 from finetune.space import parametrization, plain_value
 from finetune.trainer import StudyStopped, TrialOutcome
 from probe.metrics import METRICS
-from runtime.errors import UserError, is_storage_failure
+from runtime.errors import UserError, as_user_error
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ class InProcessTrials:
         finished, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
         for future in sorted(finished, key=lambda f: self.futures[f]):
             exc = future.exception()
-            if isinstance(exc, (KeyboardInterrupt, StudyStopped)) or (exc and is_storage_failure(exc)):
-                raise exc  # the trial did not fail, it was stopped: not told, it runs again next time
+            if isinstance(exc, (KeyboardInterrupt, StudyStopped)) or (exc and as_user_error(exc) is not None):
+                raise exc  # the trial did not fail, it was stopped (or the workdir needs fixing): not told, runs again
             n = self.futures.pop(future)
             yield n, future.result() if exc is None else TrialOutcome(
                 "failed", None, reason=f"crashed: {type(exc).__name__}: {exc}")

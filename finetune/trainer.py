@@ -37,7 +37,7 @@ from probe.metrics import METRICS, fast_metric
 from probe.train import class_weights
 from runtime.console import progress
 from runtime.device import autocast, empty_cache, is_out_of_memory, uses_channels_last
-from runtime.errors import is_storage_failure
+from runtime.errors import as_user_error
 from runtime.files import atomic_write_text, save_torch, write_csv
 
 log = logging.getLogger(__name__)
@@ -403,8 +403,10 @@ def run_trial(target: Target, data: FinetuneData, params: TrialParams, tuning: T
     except TrialFailed as exc:
         reason = str(exc)
     except Exception as exc:
-        if is_storage_failure(exc):
-            raise  # a full disk is not the configuration's fault: the study stops, the trial runs again later
+        if as_user_error(exc) is not None:
+            # Not the configuration's fault but the workdir's or the machine's (a full disk, a file gone since the
+            # study started): the study stops with the error, and the trial runs again once it is fixed.
+            raise
         if is_out_of_memory(exc):
             reason = f"out of memory (batch size {params.batch_size}): {str(exc).splitlines()[0]}"
             empty_cache(setup.device)

@@ -312,19 +312,26 @@ def test_a_log_whose_points_this_optimizer_would_not_ask_is_replayed_as_told(tmp
     assert trials[1].point["lr"] == 2.5e-4
 
 
-def test_full_disk_stops_the_study_without_telling_the_trial(tmp_path: Path) -> None:
-    """An environment error is not a trial result: the study stops, the trial is not told, and runs again."""
+@pytest.mark.parametrize("problem", ["full disk", "weights gone"])
+def test_full_disk_stops_the_study_without_telling_the_trial(tmp_path: Path, problem: str) -> None:
+    """An environment error is not a trial result: the study stops, the trial is not told, and runs again. So is any
+    error the user fixes in the workdir (a UserError: here the backbone's weights file moved since the study began),
+    which used to be recorded as that trial's failure, and as every later one's."""
     import errno
+
+    from extract.models import WeightsError
 
     tuning = load_tuning()
     folder = tmp_path / "s"
 
     def disk_full_at_trial_1(n: int, point: dict, stop: threading.Event) -> TrialOutcome:
-        if n == 1:
+        if n == 1 and problem == "full disk":
             raise OSError(errno.ENOSPC, "No space left on device", str(folder / "trial-001" / "metrics.csv"))
+        if n == 1:
+            raise WeightsError("mine: recorded weights file:1234 from /w.pth are missing or have changed")
         return ok(n, point, stop)
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError if problem == "full disk" else WeightsError):
         Study(folder, tuning, SearchOptions(budget=3)).run(disk_full_at_trial_1)
     assert [e["trial"] for e in events(folder) if e["event"] == "end"] == [0]  # trial 1 was not recorded as failed
     calls: list[int] = []

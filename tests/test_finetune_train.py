@@ -313,6 +313,20 @@ def test_gradient_accumulation_trains_as_one_larger_batch(target_and_data, tmp_p
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def test_an_error_the_workdir_must_fix_stops_the_trial_instead_of_failing_it(
+        target_and_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UserError inside a trial (the backbone's recorded weights file moved) is raised to the study, which stops
+    with it; it is no trial's result."""
+    from extract.models import WeightsError
+
+    def moved(record, **extra):
+        raise WeightsError(f"{record['backbone']}: recorded weights file:1234 from /w.pth are missing or have changed")
+
+    monkeypatch.setattr("finetune.model._backbone", moved)
+    with pytest.raises(WeightsError, match="are missing or have changed"):
+        trial(target_and_data, tmp_path / "t", space={})
+
+
 def stop_after_epoch_1(monkeypatch: pytest.MonkeyPatch):
     """An event set once a trial has written its second epoch (0 and 1), as a study shutting down would;
     and the list of row counts of each metrics.csv write."""
